@@ -1,0 +1,980 @@
+"""
+miniclip: CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision") with every forward and backward pass written by hand in NumPy, or CuPy on a GPU.
+
+Reading order: the array backend, the layers (each a forward/backward pair), the contrastive loss,
+the config and parameters, the two encoders and the model's backward, AdamW, weights I/O, and image
+preprocessing.
+
+Notation used in every shape comment:
+    N   batch size                      T   tokens in a sequence (text: context, image: 1 + G*G)
+    D   width of a transformer          H   attention heads, Dh = D // H the width of one head
+    F   width of the MLP hidden layer (4 * D in CLIP)
+    E   width of the joint embedding    V   vocabulary size
+    P   patch size in pixels            G   patches along one side of the image (S // P)
+    S   image side in pixels
+
+Conventions. A layer is a pair: `x_forward(...) -> (out, cache)` and `x_backward(dout, cache) ->
+grads`, the grads in the order of the forward's arguments. Linear weights are stored as PyTorch
+stores them, (out_features, in_features), so that OpenAI's checkpoints load without a transpose.
+"""
+import json
+import math
+import os
+import struct
+from dataclasses import asdict, dataclass, fields
+
+import numpy
+
+# -----------------------------------------------------------------------------
+# Array backend. `xp` is the array module every compute line calls: NumPy, or CuPy when the GPU is
+# asked for. Arrays cross between the two only at the edges: to_device() on the way in, to_numpy()
+# on the way out.
+
+xp = numpy
+
+
+def set_device(device):
+    """Make `xp` NumPy ("cpu") or CuPy ("gpu")."""
+    global xp
+    if device == "cpu":
+        xp = numpy
+    elif device == "gpu":
+        try:
+            import cupy
+        except ImportError as e:
+            raise RuntimeError("device 'gpu' needs CuPy: pip install -r requirements-gpu.txt") from e
+        xp = cupy
+    else:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'gpu'")
+
+
+set_device(os.environ.get("MINICLIP_DEVICE", "cpu"))
+
+
+def to_device(tree):
+    """A NumPy array, or a dict of them, as arrays of the current backend."""
+    if isinstance(tree, dict):
+        return {k: to_device(v) for k, v in tree.items()}
+    return xp.asarray(tree)
+
+
+def to_numpy(tree):
+    """A backend array, or a dict of them, as NumPy arrays."""
+    if isinstance(tree, dict):
+        return {k: to_numpy(v) for k, v in tree.items()}
+    return tree.get() if hasattr(tree, "get") and not isinstance(tree, numpy.ndarray) else numpy.asarray(tree)
+
+
+# -----------------------------------------------------------------------------
+# Layers
+
+
+def linear_forward(x, w, b=None):
+    """
+    out = x @ w.T + b, over the last axis of x.
+    x: (..., In)   w: (Out, In)   b: (Out,) or None   ->   out: (..., Out)
+    """
+    x2 = x.reshape(-1, x.shape[-1])                     # (M, In), M = product of the leading axes
+    out = x2 @ w.T                                      # (M, Out)
+    if b is not None:
+        out += b
+    return out.reshape(*x.shape[:-1], w.shape[0]), (x2, w, b is not None)
+
+
+def linear_backward(dout, cache):
+    """
+    From out = x w^T + b:  dx = dout w,  dw = dout^T x,  db = sum of dout over rows.
+    Returns (dx, dw, db); db is None when the forward had no bias.
+    """
+    x2, w, has_bias = cache
+    d2 = dout.reshape(-1, w.shape[0])                   # (M, Out)
+    dx = (d2 @ w).reshape(*dout.shape[:-1], w.shape[1])  # (..., In)
+    dw = d2.T @ x2                                      # (Out, In)
+    db = d2.sum(axis=0) if has_bias else None           # (Out,)
+    return dx, dw, db
+
+
+def layernorm_forward(x, g, b, eps=1e-5):
+    """
+    Normalize each row of x to zero mean and unit variance, then scale and shift:
+        xhat = (x - mean) / sqrt(var + eps),   out = g * xhat + b
+    x: (..., D)   g, b: (D,)   ->   out: (..., D)
+    """
+    mean = x.mean(axis=-1, keepdims=True)               # (..., 1)
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)        # (..., 1), the biased variance, as PyTorch
+    rstd = 1.0 / xp.sqrt(var + eps)                     # (..., 1)
+    xhat = xc * rstd
+    return xhat * g + b, (xhat, rstd, g)
+
+
+def layernorm_backward(dout, cache):
+    """
+    dg = sum dout * xhat,  db = sum dout  (summed over every row).
+    For dx, let dxhat = dout * g. xhat depends on every x of its row through the mean and the variance:
+        d xhat_j / d x_i = rstd * (delta_ij - 1/D - xhat_i xhat_j / D)
+    so, with means taken over the row,
+        dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    """
+    xhat, rstd, g = cache
+    D = xhat.shape[-1]
+    dg = (dout * xhat).reshape(-1, D).sum(axis=0)
+    db = dout.reshape(-1, D).sum(axis=0)
+    dxhat = dout * g
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    return dx, dg, db
+
+
+def sigmoid(x):
+    return 0.5 * (1.0 + xp.tanh(0.5 * x))               # the tanh form cannot overflow exp()
+
+
+def quickgelu_forward(x):
+    """CLIP's activation, a cheap GELU: out = x * sigmoid(1.702 x). Any shape."""
+    s = sigmoid(1.702 * x)
+    return x * s, (x, s)
+
+
+def quickgelu_backward(dout, cache):
+    """d/dx [x s(1.702x)] = s + 1.702 x s (1 - s)."""
+    x, s = cache
+    return dout * (s + 1.702 * x * s * (1.0 - s))
+
+
+def softmax_forward(x):
+    """Softmax over the last axis. Subtracting the row max first keeps exp() from overflowing."""
+    e = xp.exp(x - x.max(axis=-1, keepdims=True))
+    y = e / e.sum(axis=-1, keepdims=True)
+    return y, y
+
+
+def softmax_backward(dout, y):
+    """With y = softmax(x), dy_i/dx_j = y_i (delta_ij - y_j), so dx = y * (dout - sum(dout * y))."""
+    return y * (dout - (dout * y).sum(axis=-1, keepdims=True))
+
+
+def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, causal):
+    """
+    Multi-head self-attention as torch.nn.MultiheadAttention computes it, with q, k and v projected by
+    one (3D, D) matrix (OpenAI's in_proj_weight):
+        q, k, v = split(x w_in^T + b_in)
+        A = softmax(q k^T / sqrt(Dh) + mask)      per head; mask is -inf above the diagonal if causal
+        out = concat_heads(A v) w_out^T + b_out
+    x: (N, T, D)   w_in: (3D, D)   b_in: (3D,)   w_out: (D, D)   b_out: (D,)   ->   out: (N, T, D)
+    """
+    N, T, D = x.shape
+    H = n_heads
+    Dh = D // H
+    qkv, in_cache = linear_forward(x, w_in, b_in)                       # (N, T, 3D)
+    qkv = qkv.reshape(N, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)           # (3, N, H, T, Dh)
+    q = qkv[0] * (1.0 / math.sqrt(Dh))                                  # (N, H, T, Dh), pre-scaled
+    k, v = qkv[1], qkv[2]                                               # (N, H, T, Dh)
+    scores = q @ k.transpose(0, 1, 3, 2)                                # (N, H, T, T)
+    if causal:
+        scores += causal_mask(T, scores.dtype)
+    att, att_cache = softmax_forward(scores)                            # (N, H, T, T)
+    y = (att @ v).transpose(0, 2, 1, 3).reshape(N, T, D)                # (N, T, D), heads side by side
+    out, out_cache = linear_forward(y, w_out, b_out)                    # (N, T, D)
+    return out, (in_cache, q, k, v, att_cache, out_cache, H)
+
+
+def causal_mask(T, dtype):
+    """(T, T): 0 on and below the diagonal, -inf above it, so token t attends to tokens <= t only."""
+    return xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
+
+
+def attention_backward(dout, cache):
+    """
+    The forward in reverse. With y = A v and A = softmax(s), s = q k^T (q already divided by sqrt(Dh)):
+        dA = dy v^T,  dv = A^T dy,  ds = softmax_backward(dA),  dq = ds k / sqrt(Dh),  dk = ds^T q
+    The mask is a constant, so it sends no gradient; masked entries of A are 0 and get ds = 0.
+    Returns (dx, dw_in, db_in, dw_out, db_out).
+    """
+    in_cache, q, k, v, att_cache, out_cache, H = cache
+    N, _, T, Dh = q.shape
+    dy, dw_out, db_out = linear_backward(dout, out_cache)               # (N, T, D)
+    dy = dy.reshape(N, T, H, Dh).transpose(0, 2, 1, 3)                  # (N, H, T, Dh)
+    dv = att_cache.transpose(0, 1, 3, 2) @ dy                           # (N, H, T, Dh)
+    ds = softmax_backward(dy @ v.transpose(0, 1, 3, 2), att_cache)      # (N, H, T, T)
+    dq = (ds @ k) * (1.0 / math.sqrt(Dh))                               # (N, H, T, Dh)
+    dk = ds.transpose(0, 1, 3, 2) @ q                                   # (N, H, T, Dh)
+    dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4)              # (N, T, 3, H, Dh)
+    dx, dw_in, db_in = linear_backward(dqkv.reshape(N, T, 3 * H * Dh), in_cache)
+    return dx, dw_in, db_in, dw_out, db_out
+
+
+# The residual block and the stack of them. A block's parameters live under a prefix such as
+# "visual.transformer.resblocks.3." with OpenAI's names below it.
+BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+              "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+              "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def block_forward(x, p, n_heads, causal, eps):
+    """
+    The pre-LayerNorm residual block:
+        x = x + attention(ln_1(x))
+        x = x + c_proj(quickgelu(c_fc(ln_2(x))))
+    x: (N, T, D); p: the block's 12 parameters keyed by BLOCK_KEYS   ->   (N, T, D)
+    """
+    h, ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)
+    h, att = attention_forward(h, p["attn.in_proj_weight"], p["attn.in_proj_bias"],
+                               p["attn.out_proj.weight"], p["attn.out_proj.bias"], n_heads, causal)
+    x = x + h
+    h, ln2 = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], eps)
+    h, fc = linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])    # (N, T, F)
+    h, act = quickgelu_forward(h)
+    h, proj = linear_forward(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (N, T, D)
+    return x + h, (ln1, att, ln2, fc, act, proj)
+
+
+def block_backward(dout, cache):
+    """
+    The block read bottom-up. x feeds both the residual path and each branch, so its gradient is the
+    sum of the two: dx = dout + (gradient through the branch). Returns (dx, grads keyed by BLOCK_KEYS).
+    """
+    ln1, att, ln2, fc, act, proj = cache
+    g = {}
+    dh, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = linear_backward(dout, proj)
+    dh = quickgelu_backward(dh, act)
+    dh, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = linear_backward(dh, fc)
+    dh, g["ln_2.weight"], g["ln_2.bias"] = layernorm_backward(dh, ln2)
+    dx = dout + dh
+    dh, g["attn.in_proj_weight"], g["attn.in_proj_bias"], g["attn.out_proj.weight"], \
+        g["attn.out_proj.bias"] = attention_backward(dx, att)
+    dh, g["ln_1.weight"], g["ln_1.bias"] = layernorm_backward(dh, ln1)
+    return dx + dh, g
+
+
+def transformer_forward(x, params, prefix, n_layers, n_heads, causal, eps):
+    """n_layers blocks in a row; block i reads the keys f"{prefix}resblocks.{i}.*". x: (N, T, D)."""
+    caches = []
+    for i in range(n_layers):
+        bp = f"{prefix}resblocks.{i}."
+        x, c = block_forward(x, {k: params[bp + k] for k in BLOCK_KEYS}, n_heads, causal, eps)
+        caches.append(c)
+    return x, caches
+
+
+def transformer_backward(dout, caches, prefix, grads):
+    """The blocks in reverse order; their gradients go into `grads` under their full names."""
+    for i in reversed(range(len(caches))):
+        dout, g = block_backward(dout, caches[i])
+        for k, v in g.items():
+            grads[f"{prefix}resblocks.{i}.{k}"] = v
+    return dout
+
+
+def patchify(pixels, P):
+    """
+    Cut images into non-overlapping P x P patches, each flattened in (channel, row, column) order,
+    which is the order of conv1.weight's (3, P, P) axes. A conv with kernel = stride = P is then
+    one matrix product: patchify(pixels) @ conv1.weight.reshape(D, 3 P P).T
+    pixels: (N, 3, S, S)   ->   (N, G*G, 3*P*P), patches in row-major order as conv1 emits them
+    """
+    N, C, S, _ = pixels.shape
+    G = S // P
+    x = pixels.reshape(N, C, G, P, G, P)                # (N, 3, Gy, P, Gx, P)
+    x = x.transpose(0, 2, 4, 1, 3, 5)                   # (N, Gy, Gx, 3, P, P)
+    return x.reshape(N, G * G, C * P * P)
+
+
+def embed_image_forward(patches, conv_w, cls, pos):
+    """
+    The ViT's input: each patch projected to width D (CLIP's conv1, which has no bias), a learned
+    class token prepended, and a learned position embedding added.
+    patches: (N, G*G, 3PP)  conv_w: (D, 3, P, P)  cls: (D,)  pos: (1 + G*G, D)   ->   (N, 1+G*G, D)
+    """
+    N, L, _ = patches.shape
+    D = conv_w.shape[0]
+    x, lin = linear_forward(patches, conv_w.reshape(D, -1))            # (N, G*G, D)
+    out = xp.empty((N, 1 + L, D), dtype=x.dtype)
+    out[:, 0] = cls
+    out[:, 1:] = x
+    out += pos
+    return out, (lin, conv_w.shape)
+
+
+def embed_image_backward(dout, cache):
+    """
+    The class token and the position embedding are shared by every image, so their gradients sum
+    over the batch. Pixels are data, so only conv1's gradient is formed: dW = dout^T patches.
+    Returns (dconv_w, dcls, dpos).
+    """
+    (patches2, _, _), w_shape = cache
+    D = dout.shape[-1]
+    dconv = (dout[:, 1:].reshape(-1, D).T @ patches2).reshape(w_shape)
+    return dconv, dout[:, 0].sum(axis=0), dout.sum(axis=0)
+
+
+def embed_tokens_forward(ids, tok, pos):
+    """
+    x = token_embedding[ids] + positional_embedding[:T]
+    ids: (N, T) int   tok: (V, D)   pos: (context, D)   ->   (N, T, D)
+    """
+    T = ids.shape[1]
+    return tok[ids] + pos[:T], (ids, tok.shape, pos.shape)
+
+
+def embed_tokens_backward(dout, cache):
+    """
+    A lookup copies rows, so its gradient adds rows back: each token's gradient is added into the row
+    of its id (a scatter-add; an id that occurs twice gets both). The position rows sum over the batch.
+    Returns (dtok, dpos).
+    """
+    ids, tok_shape, pos_shape = cache
+    D = dout.shape[-1]
+    dtok = xp.zeros(tok_shape, dtype=dout.dtype)
+    xp.add.at(dtok, ids.reshape(-1), dout.reshape(-1, D))
+    dpos = xp.zeros(pos_shape, dtype=dout.dtype)
+    dpos[:ids.shape[1]] = dout.sum(axis=0)
+    return dtok, dpos
+
+
+def eot_pool_forward(x, ids):
+    """
+    A sentence's feature is the transformer's output at its end-of-text token. The end-of-text token
+    has the highest id in CLIP's vocabulary, so its position is argmax(ids), as OpenAI's CLIP pools.
+    x: (N, T, D)   ids: (N, T)   ->   (N, D)
+    """
+    where = ids.argmax(axis=-1)                         # (N,), first position of the largest id
+    rows = xp.arange(x.shape[0])
+    return x[rows, where], (rows, where, x.shape)
+
+
+def eot_pool_backward(dout, cache):
+    """The gradient goes back to the pooled position; every other position gets zero."""
+    rows, where, x_shape = cache
+    dx = xp.zeros(x_shape, dtype=dout.dtype)
+    dx[rows, where] = dout
+    return dx
+
+
+def l2_normalize_forward(x):
+    """y = x / |x| row by row. x: (N, E)   ->   (N, E)"""
+    norm = xp.sqrt((x * x).sum(axis=-1, keepdims=True))
+    y = x / norm
+    return y, (y, norm)
+
+
+def l2_normalize_backward(dout, cache):
+    """
+    y = x / |x| has Jacobian (I - y y^T) / |x|: moving x along y does not change y. So
+        dx = (dout - y (y . dout)) / |x|
+    """
+    y, norm = cache
+    return (dout - y * (y * dout).sum(axis=-1, keepdims=True)) / norm
+
+
+# -----------------------------------------------------------------------------
+# The contrastive loss (InfoNCE)
+
+MAX_LOGIT_SCALE = 100.0                                 # CLIP clips the temperature at 100
+
+
+def clip_loss_forward(img, txt, logit_scale):
+    """
+    The symmetric cross-entropy of CLIP. Pair i is (image i, text i); every other pairing in the batch
+    is a negative.
+        s = exp(min(t, log 100))         t = logit_scale, stored as a log so it stays positive
+        logits = s * img @ txt^T         (N, N): cosine similarities, scaled
+        loss = ( CE(logits rows, labels = diag) + CE(logits columns, labels = diag) ) / 2
+    img, txt: (N, E), already L2-normalized   logit_scale: () array   ->   loss: float, cache
+    """
+    N = img.shape[0]
+    t = logit_scale
+    clamped = bool(t > math.log(MAX_LOGIT_SCALE))
+    s = MAX_LOGIT_SCALE if clamped else xp.exp(t)
+    logits = s * (img @ txt.T)                                          # (N, N)
+    p_i2t, _ = softmax_forward(logits)                                  # rows: image -> texts
+    p_t2i, _ = softmax_forward(logits.T)                                # rows: text -> images
+    diag = xp.arange(N)
+    loss = -(xp.log(p_i2t[diag, diag]).mean() + xp.log(p_t2i[diag, diag]).mean()) / 2
+    return float(loss), (img, txt, s, logits, p_i2t, p_t2i, clamped)
+
+
+def clip_loss_backward(cache):
+    """
+    Derivation. For one row of logits z with target j, CE = -z_j + log sum_k exp(z_k), so
+    dCE/dz = softmax(z) - onehot(j). Averaging over N rows and then halving the two directions:
+        dlogits = ( (P_i2t - I) + (P_t2i - I)^T ) / (2N)
+    logits = s * img txt^T, so
+        dimg = s * dlogits @ txt,   dtxt = s * dlogits^T @ img
+    and since s = exp(t), ds/dt = s, giving dt = sum(dlogits * img txt^T) * s = sum(dlogits * logits).
+    When t is above log(100) the clamp holds s fixed at 100, and dt = 0.
+    Returns (dimg, dtxt, dlogit_scale).
+    """
+    img, txt, s, logits, p_i2t, p_t2i, clamped = cache
+    N = img.shape[0]
+    eye = xp.eye(N, dtype=logits.dtype)
+    dlogits = ((p_i2t - eye) + (p_t2i - eye).T) / (2 * N)              # (N, N)
+    dimg = s * (dlogits @ txt)                                          # (N, E)
+    dtxt = s * (dlogits.T @ img)                                        # (N, E)
+    dt = xp.zeros((), dtype=logits.dtype) if clamped else (dlogits * logits).sum()
+    return dimg, dtxt, dt
+
+
+# -----------------------------------------------------------------------------
+# Config and parameters
+
+
+@dataclass
+class Config:
+    image_size: int = 224          # S, pixels per side of the square input
+    patch_size: int = 32           # P
+    vision_width: int = 768        # D of the image transformer
+    vision_layers: int = 12
+    vision_heads: int = 12
+    context_length: int = 77       # the most tokens a text may have, SOT and EOT included
+    vocab_size: int = 49408        # V; CLIP's BPE vocabulary
+    text_width: int = 512          # D of the text transformer
+    text_layers: int = 12
+    text_heads: int = 8
+    embed_dim: int = 512           # E, the joint image-text space
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# The published OpenAI shapes, and the small model that train.py --tiny trains on a CPU.
+PRESETS = {
+    "ViT-B/32": Config(),
+    "ViT-B/16": Config(patch_size=16),
+    "ViT-L/14": Config(patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                       text_width=768, text_heads=12, embed_dim=768),
+    "tiny": Config(image_size=32, patch_size=8, vision_width=96, vision_layers=3, vision_heads=3,
+                   context_length=20, vocab_size=1024, text_width=96, text_layers=3, text_heads=3,
+                   embed_dim=64),
+}
+
+
+def param_shapes(cfg):
+    """Every parameter's name and shape, named exactly as in OpenAI CLIP's state_dict."""
+    Dv, Dt, E = cfg.vision_width, cfg.text_width, cfg.embed_dim
+    P, G = cfg.patch_size, cfg.image_size // cfg.patch_size
+
+    def blocks(prefix, D, n):
+        shapes = {}
+        for i in range(n):
+            for k, s in (("ln_1.weight", (D,)), ("ln_1.bias", (D,)),
+                         ("attn.in_proj_weight", (3 * D, D)), ("attn.in_proj_bias", (3 * D,)),
+                         ("attn.out_proj.weight", (D, D)), ("attn.out_proj.bias", (D,)),
+                         ("ln_2.weight", (D,)), ("ln_2.bias", (D,)),
+                         ("mlp.c_fc.weight", (4 * D, D)), ("mlp.c_fc.bias", (4 * D,)),
+                         ("mlp.c_proj.weight", (D, 4 * D)), ("mlp.c_proj.bias", (D,))):
+                shapes[f"{prefix}resblocks.{i}.{k}"] = s
+        return shapes
+
+    return {
+        "visual.conv1.weight": (Dv, 3, P, P),
+        "visual.class_embedding": (Dv,),
+        "visual.positional_embedding": (G * G + 1, Dv),
+        "visual.ln_pre.weight": (Dv,), "visual.ln_pre.bias": (Dv,),
+        **blocks("visual.transformer.", Dv, cfg.vision_layers),
+        "visual.ln_post.weight": (Dv,), "visual.ln_post.bias": (Dv,),
+        "visual.proj": (Dv, E),
+        "token_embedding.weight": (cfg.vocab_size, Dt),
+        "positional_embedding": (cfg.context_length, Dt),
+        **blocks("transformer.", Dt, cfg.text_layers),
+        "ln_final.weight": (Dt,), "ln_final.bias": (Dt,),
+        "text_projection": (Dt, E),
+        "logit_scale": (),
+    }
+
+
+def init_params(cfg, seed=0, dtype=numpy.float32):
+    """
+    Random parameters with the standard deviations of OpenAI's CLIP code (model.py,
+    CLIP.initialize_parameters and VisionTransformer.__init__):
+        token_embedding 0.02; positional_embedding 0.01; class and position embedding and visual.proj
+        D^-0.5; attention in_proj D^-0.5; attention out_proj and mlp.c_proj D^-0.5 (2 layers)^-0.5;
+        mlp.c_fc (2D)^-0.5; text_projection D^-0.5; logit_scale log(1/0.07); gains 1, biases 0.
+    OpenAI sets the block stds for the text tower only and leaves the ViT's blocks at PyTorch's
+    defaults; we use the published rule in both towers. conv1 keeps PyTorch's default,
+    uniform(+-1/sqrt(fan_in)).
+    """
+    rng = numpy.random.default_rng(seed)
+    stds = {"token_embedding.weight": 0.02, "positional_embedding": 0.01,
+            "visual.class_embedding": cfg.vision_width ** -0.5,
+            "visual.positional_embedding": cfg.vision_width ** -0.5,
+            "visual.proj": cfg.vision_width ** -0.5, "text_projection": cfg.text_width ** -0.5}
+    for prefix, D, L in (("visual.transformer.", cfg.vision_width, cfg.vision_layers),
+                         ("transformer.", cfg.text_width, cfg.text_layers)):
+        for i in range(L):
+            b = f"{prefix}resblocks.{i}."
+            stds[b + "attn.in_proj_weight"] = D ** -0.5
+            stds[b + "attn.out_proj.weight"] = D ** -0.5 * (2 * L) ** -0.5
+            stds[b + "mlp.c_fc.weight"] = (2 * D) ** -0.5
+            stds[b + "mlp.c_proj.weight"] = D ** -0.5 * (2 * L) ** -0.5
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name in stds:
+            w = rng.normal(0.0, stds[name], shape)
+        elif name == "visual.conv1.weight":
+            bound = 1 / math.sqrt(math.prod(shape[1:]))
+            w = rng.uniform(-bound, bound, shape)
+        elif name == "logit_scale":
+            w = numpy.array(math.log(1 / 0.07))
+        elif name.endswith("bias"):
+            w = numpy.zeros(shape)
+        else:                                           # the LayerNorm gains
+            w = numpy.ones(shape)
+        params[name] = xp.asarray(w, dtype=dtype)
+    return params
+
+
+# -----------------------------------------------------------------------------
+# The two encoders and the model
+
+
+def encode_image_forward(params, cfg, pixels):
+    """
+    The Vision Transformer.
+    pixels: (N, 3, S, S), normalized   ->   features: (N, E), projected and not normalized
+    """
+    eps = cfg.layer_norm_eps
+    patches = patchify(pixels.astype(params["visual.proj"].dtype, copy=False), cfg.patch_size)
+    x, emb = embed_image_forward(patches, params["visual.conv1.weight"],
+                                 params["visual.class_embedding"], params["visual.positional_embedding"])
+    x, ln_pre = layernorm_forward(x, params["visual.ln_pre.weight"], params["visual.ln_pre.bias"], eps)
+    x, blocks = transformer_forward(x, params, "visual.transformer.", cfg.vision_layers,
+                                    cfg.vision_heads, False, eps)         # (N, 1+G*G, Dv)
+    cls = x[:, 0]                                                       # (N, Dv): the class token
+    cls, ln_post = layernorm_forward(cls, params["visual.ln_post.weight"], params["visual.ln_post.bias"], eps)
+    feat = cls @ params["visual.proj"]                                  # (N, E)
+    return feat, (emb, ln_pre, blocks, x.shape, ln_post, cls)
+
+
+def encode_image_backward(dfeat, cache, params, grads):
+    """encode_image_forward read from the bottom up. Adds every visual.* gradient to `grads`."""
+    emb, ln_pre, blocks, x_shape, ln_post, cls = cache
+    grads["visual.proj"] = cls.T @ dfeat                                # (Dv, E)
+    dcls = dfeat @ params["visual.proj"].T                              # (N, Dv)
+    dcls, grads["visual.ln_post.weight"], grads["visual.ln_post.bias"] = layernorm_backward(dcls, ln_post)
+    dx = xp.zeros(x_shape, dtype=dcls.dtype)
+    dx[:, 0] = dcls
+    dx = transformer_backward(dx, blocks, "visual.transformer.", grads)
+    dx, grads["visual.ln_pre.weight"], grads["visual.ln_pre.bias"] = layernorm_backward(dx, ln_pre)
+    grads["visual.conv1.weight"], grads["visual.class_embedding"], grads["visual.positional_embedding"] = \
+        embed_image_backward(dx, emb)
+
+
+def encode_text_forward(params, cfg, ids):
+    """
+    The causal text transformer, pooled at the end-of-text token.
+    ids: (N, T) int, T <= context_length   ->   features: (N, E), projected and not normalized
+    OpenAI applies ln_final to every position and then pools; LayerNorm works row by row, so pooling
+    first gives the same numbers with T times less work.
+    """
+    eps = cfg.layer_norm_eps
+    x, emb = embed_tokens_forward(ids, params["token_embedding.weight"], params["positional_embedding"])
+    x, blocks = transformer_forward(x, params, "transformer.", cfg.text_layers, cfg.text_heads, True, eps)
+    x, pool = eot_pool_forward(x, ids)                                  # (N, Dt)
+    x, ln_final = layernorm_forward(x, params["ln_final.weight"], params["ln_final.bias"], eps)
+    feat = x @ params["text_projection"]                                # (N, E)
+    return feat, (emb, blocks, pool, ln_final, x)
+
+
+def encode_text_backward(dfeat, cache, params, grads):
+    """encode_text_forward read from the bottom up. Adds every text gradient to `grads`."""
+    emb, blocks, pool, ln_final, x = cache
+    grads["text_projection"] = x.T @ dfeat                              # (Dt, E)
+    dx = dfeat @ params["text_projection"].T                            # (N, Dt)
+    dx, grads["ln_final.weight"], grads["ln_final.bias"] = layernorm_backward(dx, ln_final)
+    dx = eot_pool_backward(dx, pool)                                    # (N, T, Dt)
+    dx = transformer_backward(dx, blocks, "transformer.", grads)
+    grads["token_embedding.weight"], grads["positional_embedding"] = embed_tokens_backward(dx, emb)
+
+
+def encode_image(params, cfg, pixels):
+    """Image features, (N, E), projected and unnormalized as OpenAI's encode_image returns them."""
+    return encode_image_forward(params, cfg, pixels)[0]
+
+
+def encode_text(params, cfg, ids):
+    """Text features, (N, E), projected and unnormalized as OpenAI's encode_text returns them."""
+    return encode_text_forward(params, cfg, ids)[0]
+
+
+def loss_and_grads(params, cfg, pixels, ids):
+    """
+    One forward and backward pass of CLIP over a batch of N (image, text) pairs.
+    pixels: (N, 3, S, S)   ids: (N, T)   ->   (loss: float, grads: a dict with every key of params)
+    """
+    img_feat, img_cache = encode_image_forward(params, cfg, pixels)     # (N, E)
+    txt_feat, txt_cache = encode_text_forward(params, cfg, ids)         # (N, E)
+    img, img_norm = l2_normalize_forward(img_feat)
+    txt, txt_norm = l2_normalize_forward(txt_feat)
+    loss, loss_cache = clip_loss_forward(img, txt, params["logit_scale"])
+
+    grads = {}
+    dimg, dtxt, grads["logit_scale"] = clip_loss_backward(loss_cache)
+    encode_text_backward(l2_normalize_backward(dtxt, txt_norm), txt_cache, params, grads)
+    encode_image_backward(l2_normalize_backward(dimg, img_norm), img_cache, params, grads)
+    return loss, grads
+
+
+# -----------------------------------------------------------------------------
+# AdamW
+
+
+def decays(name, shape):
+    """Weight decay applies to weight matrices only: not to gains, biases, embeddings or logit_scale."""
+    return len(shape) >= 2 and "embedding" not in name
+
+
+class AdamW:
+    """
+    Adam with decoupled weight decay (Loshchilov & Hutter 2019), CLIP's optimizer. For each tensor:
+        m = b1 m + (1 - b1) g                   v = b2 v + (1 - b2) g^2
+        w -= lr * ( m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * w )   (the wd term on matrices only)
+    The defaults are the paper's: b2 = 0.98 and eps = 1e-6 for stability at large batch.
+    """
+
+    def __init__(self, params, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6):
+        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
+        self.m = {k: xp.zeros_like(v) for k, v in params.items()}
+        self.v = {k: xp.zeros_like(v) for k, v in params.items()}
+        self.t = 0
+
+    def step(self, params, grads, lr):
+        """Update params in place."""
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for k, w in params.items():
+            g, m, v = grads[k], self.m[k], self.v[k]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            if decays(k, w.shape):
+                w *= 1 - lr * self.weight_decay
+            w -= (lr / c1) * m / (xp.sqrt(v / c2) + self.eps)
+
+
+# -----------------------------------------------------------------------------
+# Weights I/O: our own .npz checkpoints, and Hugging Face's safetensors folders.
+
+FORMAT_VERSION = 1
+META_KEY = "__meta__"          # our .npz holds its JSON metadata as a uint8 array under this name
+
+
+def save_weights(path, params, cfg, meta=None, extra=None):
+    """
+    Write a checkpoint: params under their own names, `extra` arrays (optimizer state, say) under
+    theirs, and a JSON blob with the config, the format version and `meta`. The file appears whole or
+    not at all: we write a temporary file beside it and rename it over the target.
+    """
+    arrays = {k: to_numpy(v) for k, v in params.items()}
+    for k, v in (extra or {}).items():
+        if k in arrays or k == META_KEY:
+            raise ValueError(f"extra array name {k!r} collides with a parameter name")
+        arrays[k] = to_numpy(v)
+    blob = json.dumps({"format": "miniclip", "version": FORMAT_VERSION, "config": asdict(cfg),
+                       "meta": meta or {}, "params": sorted(params)})
+    arrays[META_KEY] = numpy.frombuffer(blob.encode(), dtype=numpy.uint8)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            numpy.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """
+    Read a checkpoint written by save_weights: (params, cfg, meta, extra), all arrays NumPy.
+    Never unpickles: a file holding pickled objects is refused.
+    """
+    import zipfile
+    try:
+        with numpy.load(path, allow_pickle=False) as z:
+            if META_KEY not in z.files:
+                raise ValueError(f"{path}: not a miniclip checkpoint (no {META_KEY} entry)")
+            head = json.loads(z[META_KEY].tobytes().decode())
+            if head.get("format") != "miniclip" or head.get("version") != FORMAT_VERSION:
+                raise ValueError(f"{path}: not a miniclip checkpoint of format version {FORMAT_VERSION}")
+            cfg = Config.from_dict(head["config"])
+            names = set(head["params"])
+            arrays = {k: z[k] for k in z.files if k != META_KEY}
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError, TypeError, UnicodeDecodeError,
+            json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable miniclip checkpoint ({e})") from None
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "pickled" in str(e).lower() or "Object arrays" in str(e):
+            raise ValueError(f"{path}: holds pickled objects; refusing to unpickle it") from None
+        raise ValueError(str(e) if str(e).startswith(os.fspath(path)) else f"{path}: {e}") from None
+    params = {k: arrays[k] for k in names if k in arrays}
+    check_params(params, cfg, path)
+    extra = {k: v for k, v in arrays.items() if k not in names}
+    return params, cfg, head["meta"], extra
+
+
+def check_params(params, cfg, source):
+    """Every parameter the config needs is there with its shape, and nothing else."""
+    want = param_shapes(cfg)
+    missing = sorted(set(want) - set(params))
+    unexpected = sorted(set(params) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{source}: parameters do not match the config: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, shape in want.items():
+        if tuple(params[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(params[k].shape)}, expected {tuple(shape)}")
+
+
+# safetensors: an 8-byte little-endian header length n, n bytes of JSON that give each tensor's
+# dtype, shape and [begin, end) byte range in the data that follows, then the data.
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4"}
+MAX_HEADER_BYTES = 100 * 2 ** 20
+
+
+def read_safetensors(path):
+    """A dict of float32 NumPy arrays (integer tensors stay integers). Raises ValueError on a bad file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"header is not JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a valid safetensors file: header is not a JSON object")
+
+    data = numpy.memmap(path, dtype=numpy.uint8, mode="r", offset=8 + n) if size > 8 + n else \
+        numpy.zeros(0, numpy.uint8)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"unsupported dtype {dtype!r}")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise ValueError(f"bad shape {shape!r}")
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= len(data)):
+                raise ValueError(f"data offsets [{begin}, {end}) fall outside the {len(data)} data bytes")
+            itemsize = numpy.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+            if math.prod(shape) * itemsize != end - begin:
+                raise ValueError(f"shape {shape} of {dtype} needs {math.prod(shape) * itemsize} bytes, "
+                                 f"offsets give {end - begin}")
+        except (KeyError, TypeError, ValueError) as e:
+            msg = str(e) if isinstance(e, ValueError) else f"malformed entry {info!r}"[:200]
+            raise ValueError(f"{path}: not a valid safetensors file: tensor {name!r}: {msg}") from None
+        raw = numpy.frombuffer(data[begin:end], dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
+        if dtype == "BF16":                             # bfloat16 is the top half of a float32
+            raw = (raw.astype(numpy.uint32) << 16).view(numpy.float32)
+        tensors[name] = raw.astype(numpy.float32) if raw.dtype.kind == "f" else raw.copy()
+    return tensors
+
+
+def hf_to_openai(hf):
+    """
+    Rename a transformers CLIPModel state dict to OpenAI's names. All the layout changes live here:
+    q, k and v stack into one in_proj matrix, and the two projections, which transformers stores as
+    nn.Linear weights (E, D), transpose to OpenAI's (D, E). Works on parameters and on their gradients.
+    """
+    out = {}
+    layer_names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+                   "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+    for tower, ours in (("vision_model", "visual.transformer"), ("text_model", "transformer")):
+        i = 0
+        while f"{tower}.encoder.layers.{i}.layer_norm1.weight" in hf:
+            src, dst = f"{tower}.encoder.layers.{i}.", f"{ours}.resblocks.{i}."
+            for a, b in layer_names.items():
+                for wb in ("weight", "bias"):
+                    out[f"{dst}{b}.{wb}"] = hf[f"{src}{a}.{wb}"]
+            for wb in ("weight", "bias"):
+                out[f"{dst}attn.in_proj_{wb}"] = numpy.concatenate(
+                    [hf[f"{src}self_attn.{p}_proj.{wb}"] for p in "qkv"])
+            i += 1
+    renames = {
+        "vision_model.embeddings.class_embedding": "visual.class_embedding",
+        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+        "logit_scale": "logit_scale",
+    }
+    for a, b in renames.items():
+        out[b] = hf[a]
+    out["visual.proj"] = hf["visual_projection.weight"].T
+    out["text_projection"] = hf["text_projection.weight"].T
+    out["logit_scale"] = numpy.asarray(out["logit_scale"]).reshape(())
+    return out
+
+
+def config_from_params(params):
+    """Infer the config from the shapes, by OpenAI's rule that every head is 64 wide."""
+    conv = params["visual.conv1.weight"].shape
+    n_pos = params["visual.positional_embedding"].shape[0]
+    G = math.isqrt(n_pos - 1)
+    count = lambda prefix: len({k for k in params if k.startswith(prefix) and k.endswith("ln_1.weight")})
+    return Config(image_size=G * conv[2], patch_size=conv[2], vision_width=conv[0],
+                  vision_layers=count("visual.transformer.resblocks."), vision_heads=conv[0] // 64,
+                  context_length=params["positional_embedding"].shape[0],
+                  vocab_size=params["token_embedding.weight"].shape[0],
+                  text_width=params["ln_final.weight"].shape[0],
+                  text_layers=count("transformer.resblocks."),
+                  text_heads=params["ln_final.weight"].shape[0] // 64,
+                  embed_dim=params["text_projection"].shape[1])
+
+
+def config_from_hf(d, source):
+    """A Config from a transformers config.json dict."""
+    try:
+        t, v = d["text_config"], d["vision_config"]
+        for name, c in (("text", t), ("vision", v)):
+            if c.get("hidden_act", "quick_gelu") != "quick_gelu":
+                raise ValueError(f"{name} tower uses {c['hidden_act']!r}; miniclip implements quick_gelu only")
+        return Config(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
+                      vision_width=v.get("hidden_size", 768), vision_layers=v.get("num_hidden_layers", 12),
+                      vision_heads=v.get("num_attention_heads", 12),
+                      context_length=t.get("max_position_embeddings", 77),
+                      vocab_size=t.get("vocab_size", 49408), text_width=t.get("hidden_size", 512),
+                      text_layers=t.get("num_hidden_layers", 12), text_heads=t.get("num_attention_heads", 8),
+                      embed_dim=d.get("projection_dim", 512),
+                      layer_norm_eps=v.get("layer_norm_eps", 1e-5))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{source}: not a CLIP config.json ({e})") from None
+
+
+def load_hf(path):
+    """A Hugging Face CLIP folder, or its model.safetensors with config.json beside it if there is one."""
+    path = os.fspath(path)
+    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    folder = os.path.dirname(file)
+    if not os.path.isfile(file):
+        raise ValueError(f"{path}: no model.safetensors there (pytorch_model.bin is not read: it is a pickle)")
+    hf = read_safetensors(file)
+    hf = {k.removeprefix("clip."): v for k, v in hf.items() if not k.endswith("position_ids")}
+    try:
+        params = hf_to_openai(hf)
+    except KeyError as e:
+        raise ValueError(f"{file}: not a CLIP model: tensor {e} is missing") from None
+    cfg_file = os.path.join(folder, "config.json")
+    if os.path.isfile(cfg_file):
+        try:
+            with open(cfg_file) as f:
+                cfg = config_from_hf(json.load(f), cfg_file)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    else:
+        cfg = config_from_params(params)
+    check_params(params, cfg, file)
+    return params, cfg
+
+
+def load_weights(path, dtype=numpy.float32):
+    """
+    (params, cfg) from our .npz checkpoint, a Hugging Face CLIP folder, or a model.safetensors file,
+    with params as arrays of the current backend. Raises ValueError with a readable message on a bad
+    or foreign file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or directory")
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        params, cfg = load_hf(path)
+    else:
+        params, cfg, _, _ = load_checkpoint(path)
+    return {k: xp.asarray(v, dtype=dtype) for k, v in params.items()}, cfg
+
+
+# -----------------------------------------------------------------------------
+# Images: opening a file safely, and CLIP's preprocessing.
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_PIXELS = 89_478_485        # Pillow's own decompression-bomb threshold (about 0.25 GB of RGBA)
+
+
+def open_image(path):
+    """
+    Open an image file as an 8-bit RGB PIL image, or raise ValueError saying why not. EXIF
+    orientation is applied; transparency is composited onto white (as transformers does); 16-bit
+    images are scaled down to 8 bits; an image of more than MAX_PIXELS pixels is refused before any
+    pixel is decoded, so a decompression bomb neither hangs nor fills memory.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        img = Image.open(path)
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"image is {w}x{h} pixels, over the {MAX_PIXELS} limit "
+                             "(a decompression bomb?)")
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except IsADirectoryError:
+        raise ValueError("is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise ValueError("not an image file Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"refused as a decompression bomb ({e})") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot decode the image ({e})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):     # 16-bit: keep the top 8 bits of each value
+        a = numpy.asarray(img, dtype=numpy.uint32)
+        img = Image.fromarray((a >> 8 if a.max() > 255 else a).astype(numpy.uint8))
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")
+
+
+def resize_and_crop(img, size):
+    """Resize so the short side is `size` (bicubic), then take the centered size x size square."""
+    from PIL import Image
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def normalize(uint8_images):
+    """(..., S, S, 3) uint8 RGB -> (..., 3, S, S) float32: scaled to [0, 1], then CLIP's mean and std."""
+    x = uint8_images.astype(numpy.float64) / 255.0
+    x = (x - numpy.array(CLIP_MEAN)) / numpy.array(CLIP_STD)
+    return numpy.ascontiguousarray(numpy.moveaxis(x, -1, -3), dtype=numpy.float32)
+
+
+def preprocess(img, size):
+    """A PIL image as CLIP's model input: (3, size, size) float32 NumPy."""
+    return normalize(numpy.asarray(resize_and_crop(img.convert("RGB"), size)))

@@ -1,0 +1,168 @@
+"""
+Every layer's backward against float64 central differences. Each check builds the scalar
+L = sum(out * R) for a fixed random R, so dL/dout = R, and compares the analytic gradient of every
+input with the numerical one. CS231n's relative error (see conftest.rel_error) must stay below 1e-6.
+"""
+import math
+
+import numpy as np
+import pytest
+
+import miniclip as mc
+from conftest import numerical_grad, rel_error
+
+TOL = 1e-6
+
+
+def check(forward, backward, inputs, differentiable, seed=0):
+    """Compare backward() with central differences for each input named in `differentiable`."""
+    rng = np.random.default_rng(seed)
+    out, cache = forward(*inputs)
+    R = rng.standard_normal(np.shape(out))
+    grads = backward(R, cache)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    worst = 0.0
+    for i, g in zip(differentiable, grads):
+        num = numerical_grad(lambda: float(np.sum(forward(*inputs)[0] * R)), inputs[i])
+        err = rel_error(g.reshape(-1), num)
+        assert err < TOL, f"input {i}: relative error {err:.2e}"
+        worst = max(worst, err)
+    return worst
+
+
+def randn(*shape, seed=1):
+    return np.random.default_rng(seed + sum(shape)).standard_normal(shape)
+
+
+def test_linear():
+    check(mc.linear_forward, mc.linear_backward, [randn(2, 3, 5), randn(4, 5), randn(4)], [0, 1, 2])
+
+
+def test_linear_without_bias():
+    x, w = randn(6, 5), randn(4, 5)
+    dx, dw, db = mc.linear_backward(np.ones((6, 4)), mc.linear_forward(x, w)[1])
+    assert db is None
+    check(lambda x, w: mc.linear_forward(x, w), lambda d, c: mc.linear_backward(d, c)[:2], [x, w], [0, 1])
+
+
+def test_layernorm():
+    x = randn(3, 4, 7) * 3 + 1
+    check(mc.layernorm_forward, mc.layernorm_backward, [x, randn(7), randn(7)], [0, 1, 2])
+
+
+def test_quickgelu():
+    check(mc.quickgelu_forward, mc.quickgelu_backward, [randn(4, 6) * 3], [0])
+
+
+def test_softmax():
+    check(mc.softmax_forward, mc.softmax_backward, [randn(3, 5, 6)], [0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention(causal):
+    N, T, D, H = 2, 5, 12, 3
+    inputs = [randn(N, T, D), randn(3 * D, D) * 0.3, randn(3 * D), randn(D, D) * 0.3, randn(D)]
+    fwd = lambda *a: mc.attention_forward(*a, n_heads=H, causal=causal)
+    check(fwd, mc.attention_backward, inputs, [0, 1, 2, 3, 4])
+
+
+def test_attention_key_bias_gets_no_gradient():
+    """q.(k + b) = q.k + q.b adds the same number to every score in a row, and softmax ignores that."""
+    N, T, D, H = 2, 5, 6, 2
+    out, cache = mc.attention_forward(randn(N, T, D), randn(3 * D, D), randn(3 * D), randn(D, D), randn(D), H, False)
+    db_in = mc.attention_backward(randn(N, T, D), cache)[2]
+    assert np.abs(db_in[D:2 * D]).max() < 1e-12 < np.abs(db_in[:D]).max()
+
+
+def test_causal_attention_ignores_the_future():
+    """Changing token t must leave outputs before t unchanged."""
+    N, T, D, H = 1, 6, 8, 2
+    x, w_in, b_in, w_out, b_out = randn(N, T, D), randn(3 * D, D), randn(3 * D), randn(D, D), randn(D)
+    out1 = mc.attention_forward(x, w_in, b_in, w_out, b_out, H, True)[0]
+    x[:, 4] += 1.0
+    out2 = mc.attention_forward(x, w_in, b_in, w_out, b_out, H, True)[0]
+    assert np.array_equal(out1[:, :4], out2[:, :4]) and not np.allclose(out1[:, 4:], out2[:, 4:])
+
+
+def test_block():
+    N, T, D, H = 2, 4, 8, 2
+    keys = mc.BLOCK_KEYS
+    shapes = {"ln_1.weight": (D,), "ln_1.bias": (D,), "attn.in_proj_weight": (3 * D, D),
+              "attn.in_proj_bias": (3 * D,), "attn.out_proj.weight": (D, D), "attn.out_proj.bias": (D,),
+              "ln_2.weight": (D,), "ln_2.bias": (D,), "mlp.c_fc.weight": (4 * D, D),
+              "mlp.c_fc.bias": (4 * D,), "mlp.c_proj.weight": (D, 4 * D), "mlp.c_proj.bias": (D,)}
+    inputs = [randn(N, T, D)] + [randn(*shapes[k], seed=i) * 0.5 for i, k in enumerate(keys)]
+    fwd = lambda x, *p: mc.block_forward(x, dict(zip(keys, p)), H, True, 1e-5)
+
+    def bwd(d, cache):
+        dx, g = mc.block_backward(d, cache)
+        return (dx, *[g[k] for k in keys])
+    check(fwd, bwd, inputs, list(range(13)))
+
+
+def test_patchify_is_conv1():
+    """patchify @ W^T equals a direct stride-P convolution written as loops."""
+    N, S, P, D = 2, 12, 4, 5
+    pixels, w = randn(N, 3, S, S), randn(D, 3, P, P)
+    ours = mc.patchify(pixels, P) @ w.reshape(D, -1).T                 # (N, G*G, D)
+    G = S // P
+    for n in range(N):
+        for gy in range(G):
+            for gx in range(G):
+                patch = pixels[n, :, gy * P:(gy + 1) * P, gx * P:(gx + 1) * P]
+                want = np.tensordot(w, patch, axes=([1, 2, 3], [0, 1, 2]))
+                assert np.allclose(ours[n, gy * G + gx], want)
+
+
+def test_embed_image():
+    N, G, P, D = 2, 2, 3, 4
+    patches = randn(N, G * G, 3 * P * P)
+    fwd = lambda w, cls, pos: mc.embed_image_forward(patches, w, cls, pos)
+    check(fwd, mc.embed_image_backward, [randn(D, 3, P, P), randn(D), randn(1 + G * G, D)], [0, 1, 2])
+
+
+def test_embed_tokens_repeated_ids():
+    ids = np.array([[3, 1, 3, 0], [1, 1, 2, 3]])      # repeated ids must accumulate
+    fwd = lambda tok, pos: mc.embed_tokens_forward(ids, tok, pos)
+    check(fwd, mc.embed_tokens_backward, [randn(5, 6), randn(7, 6)], [0, 1])
+
+
+def test_eot_pool():
+    ids = np.array([[5, 9, 2, 0], [5, 3, 9, 0]])
+    fwd = lambda x: mc.eot_pool_forward(x, ids)
+    check(fwd, mc.eot_pool_backward, [randn(2, 4, 3)], [0])
+    assert np.array_equal(mc.eot_pool_forward(np.arange(24.).reshape(2, 4, 3), ids)[0],
+                          [[3, 4, 5], [18, 19, 20]])
+
+
+def test_l2_normalize():
+    check(mc.l2_normalize_forward, mc.l2_normalize_backward, [randn(4, 5)], [0])
+
+
+def loss_fn(img, txt, t):
+    loss, cache = mc.clip_loss_forward(*mc.l2_normalize_forward(img)[:1], *mc.l2_normalize_forward(txt)[:1], t)
+    return loss
+
+
+@pytest.mark.parametrize("t", [math.log(1 / 0.07), math.log(100) - 0.01, math.log(100) + 0.5])
+def test_clip_loss(t):
+    """Gradients of the loss in image features, text features and logit_scale, clamped or not."""
+    rng = np.random.default_rng(3)
+    img = mc.l2_normalize_forward(rng.standard_normal((5, 4)))[0]
+    txt = mc.l2_normalize_forward(rng.standard_normal((5, 4)))[0]
+    scale = np.array(t)
+    loss, cache = mc.clip_loss_forward(img, txt, scale)
+    dimg, dtxt, dt = mc.clip_loss_backward(cache)
+    f = lambda: mc.clip_loss_forward(img, txt, scale)[0]
+    for analytic, x in ((dimg, img), (dtxt, txt), (dt, scale)):
+        err = rel_error(np.reshape(analytic, -1), numerical_grad(f, x))
+        assert err < TOL, f"relative error {err:.2e}"
+    if t > math.log(100):
+        assert float(dt) == 0.0                         # the clamp holds the scale at 100
+
+
+def test_clip_loss_by_hand():
+    """Two pairs, orthogonal features, scale 1: each row's CE is log(1 + e^-1) (target logit 1, other 0)."""
+    img = txt = np.eye(2)
+    loss, _ = mc.clip_loss_forward(img, txt, np.array(0.0))
+    assert abs(loss - math.log(1 + math.exp(-1))) < 1e-12

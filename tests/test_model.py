@@ -1,0 +1,118 @@
+"""The whole model: its gradient against central differences, and sanity checks on the loss."""
+import math
+
+import numpy as np
+import pytest
+
+import miniclip as mc
+from conftest import numerical_grad, rel_error
+
+# A micro CLIP: 12x12 images of 4x4 patches, two layers per tower, heads of width 4 and 6.
+MICRO = mc.Config(image_size=12, patch_size=4, vision_width=8, vision_layers=2, vision_heads=2,
+                  context_length=7, vocab_size=20, text_width=12, text_layers=2, text_heads=2, embed_dim=6)
+
+
+def batch(cfg, N, seed=0):
+    """Random pixels and token rows [SOT=V-2, words..., EOT=V-1, 0...] with EOT as the highest id."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((N, 3, cfg.image_size, cfg.image_size))
+    ids = np.zeros((N, cfg.context_length), dtype=np.int64)
+    for i in range(N):
+        n = rng.integers(1, cfg.context_length - 1)
+        ids[i, :n + 2] = [cfg.vocab_size - 2, *rng.integers(1, cfg.vocab_size - 2, n), cfg.vocab_size - 1]
+    return pixels, ids
+
+
+@pytest.mark.parametrize("logit_scale", [math.log(1 / 0.07), math.log(100) + 0.3])
+def test_model_gradient(logit_scale):
+    """Every parameter tensor, up to 12 sampled entries each, float64, relative error < 1e-5."""
+    params = mc.init_params(MICRO, seed=1, dtype=np.float64)
+    params["logit_scale"][...] = logit_scale
+    pixels, ids = batch(MICRO, 4)
+    loss, grads = mc.loss_and_grads(params, MICRO, pixels, ids)
+    assert set(grads) == set(params)
+    rng = np.random.default_rng(0)
+    f = lambda: mc.loss_and_grads(params, MICRO, pixels, ids)[0]
+    worst = {}
+    for name, p in params.items():
+        g = np.asarray(grads[name]).reshape(-1)
+        assert g.shape == (p.size,) and np.all(np.isfinite(g))
+        if name == "token_embedding.weight":            # only the rows of ids in the batch are used
+            rows = np.unique(ids)
+            index = rng.choice(rows, 6) * p.shape[1] + rng.integers(0, p.shape[1], 6)
+        else:
+            index = rng.choice(p.size, min(12, p.size), replace=False)
+        worst[name] = rel_error(g[index], numerical_grad(f, p, index=index))
+    bad = {k: v for k, v in worst.items() if v >= 1e-5}
+    assert not bad, f"relative errors over 1e-5: {bad}"
+    if logit_scale > math.log(100):
+        assert float(grads["logit_scale"]) == 0.0
+
+
+def test_unused_token_rows_get_zero_gradient():
+    params = mc.init_params(MICRO, dtype=np.float64)
+    pixels, ids = batch(MICRO, 3)
+    _, grads = mc.loss_and_grads(params, MICRO, pixels, ids)
+    unused = np.setdiff1d(np.arange(MICRO.vocab_size), ids)
+    assert np.all(grads["token_embedding.weight"][unused] == 0)
+
+
+@pytest.mark.parametrize("N", [8, 32])
+def test_initial_loss_is_log_batch(N):
+    """
+    At init, image and text features are unrelated, so with the scale at 1 the logits are cosines near
+    0 and each row's softmax is near uniform: loss ~ log N. (At the real init scale, 1/0.07, random
+    64-wide features give logits of std ~14.3/8 = 1.8 and the loss is about log N + 1.8^2/2 instead.)
+    """
+    cfg = mc.PRESETS["tiny"]
+    params = mc.init_params(cfg)
+    params["logit_scale"][...] = 0.0
+    pixels, ids = batch(cfg, N)
+    loss, _ = mc.loss_and_grads(params, cfg, pixels.astype(np.float32), ids)
+    assert abs(loss - math.log(N)) < 0.02 * math.log(N), (loss, math.log(N))
+
+
+def test_overfits_eight_pairs():
+    """A micro model must drive the loss on 8 fixed pairs to near zero (CS231n's first sanity check)."""
+    cfg = MICRO
+    params = mc.init_params(cfg, seed=0)
+    pixels, ids = batch(cfg, 8, seed=5)
+    pixels = pixels.astype(np.float32)
+    opt = mc.AdamW(params, weight_decay=0.0)
+    first = None
+    for step in range(300):
+        loss, grads = mc.loss_and_grads(params, cfg, pixels, ids)
+        first = loss if first is None else first
+        opt.step(params, grads, lr=3e-3)
+    assert first > 1.5 and loss < 0.02, (first, loss)
+
+
+def test_encoders_accept_shorter_text_and_float64():
+    """Text may be shorter than the context (positions are sliced); a float64 model stays float64."""
+    params = mc.init_params(MICRO, dtype=np.float64)
+    pixels, ids = batch(MICRO, 2)
+    ids[:, 5:] = 0
+    full = mc.encode_text(params, MICRO, ids)
+    short = mc.encode_text(params, MICRO, ids[:, :5])
+    assert full.dtype == np.float64 and np.allclose(full, short, rtol=1e-12, atol=1e-12)
+    assert mc.encode_image(params, MICRO, pixels).shape == (2, MICRO.embed_dim)
+
+
+def test_adamw_decays_matrices_only():
+    """With zero gradients, only weight matrices shrink: by (1 - lr * wd) per step."""
+    params = mc.init_params(MICRO, dtype=np.float64)
+    before = {k: v.copy() for k, v in params.items()}
+    opt = mc.AdamW(params, weight_decay=0.1)
+    opt.step(params, {k: np.zeros_like(v) for k, v in params.items()}, lr=0.5)
+    for k, v in params.items():
+        factor = 0.95 if v.ndim >= 2 and "embedding" not in k else 1.0
+        assert np.allclose(v, before[k] * factor, rtol=0, atol=1e-15), k
+
+
+def test_adamw_first_step_is_lr_sign():
+    """After one step from zero moments, bias correction makes the update lr * g / (|g| + eps)."""
+    params = {"b": np.zeros(4)}
+    opt = mc.AdamW(params, weight_decay=0.0)
+    opt.step(params, {"b": np.array([2.0, -3.0, 0.5, -1e-3])}, lr=0.1)
+    g = np.array([2.0, -3.0, 0.5, -1e-3])
+    assert np.allclose(params["b"], -0.1 * g / (np.abs(g) + 1e-6), rtol=1e-9, atol=0)

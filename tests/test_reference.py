@@ -1,0 +1,123 @@
+"""
+miniclip against transformers' CLIPModel (QuickGELU, eager attention) on random weights, saved with
+save_pretrained and read back with load_weights: features, loss, every parameter's gradient, and image
+preprocessing. Skipped when torch/transformers are missing, except in CI (see conftest.reference).
+"""
+import numpy as np
+import pytest
+
+import miniclip as mc
+from conftest import max_rel, reference
+
+torch = reference("torch")
+transformers = reference("transformers")
+torch.set_num_threads(2)
+
+# Two shapes, neither with 64-wide heads: (text width, heads), (vision width, heads), patch, image.
+CONFIGS = {
+    "heads8-16": dict(text=(48, 6), vision=(64, 4), patch=8, image=24, layers=2, vocab=300, context=12),
+    "heads6-10": dict(text=(36, 6), vision=(40, 4), patch=7, image=28, layers=3, vocab=120, context=9),
+}
+
+
+def hf_model(tmp_path, spec, seed=0):
+    torch.manual_seed(seed)
+    (tw, th), (vw, vh) = spec["text"], spec["vision"]
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=spec["vocab"], hidden_size=tw, intermediate_size=4 * tw,
+                         num_hidden_layers=spec["layers"], num_attention_heads=th,
+                         max_position_embeddings=spec["context"], eos_token_id=spec["vocab"] - 1,
+                         bos_token_id=spec["vocab"] - 2, hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=spec["layers"],
+                           num_attention_heads=vh, image_size=spec["image"], patch_size=spec["patch"],
+                           hidden_act="quick_gelu"),
+        projection_dim=16, attn_implementation="eager")
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():                               # non-trivial gains, biases and temperature
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+        model.logit_scale.fill_(2.0)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def inputs(spec, N=6, seed=0):
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((N, 3, spec["image"], spec["image"])).astype(np.float32)
+    V, T = spec["vocab"], spec["context"]
+    ids = np.zeros((N, T), dtype=np.int64)
+    for i in range(N):
+        n = rng.integers(0, T - 2)
+        ids[i, :n + 2] = [V - 2, *rng.integers(1, V - 2, n), V - 1]
+    return pixels, ids
+
+
+def features(out):
+    """get_*_features returns a tensor before transformers 5 and an output whose pooler_output is it after."""
+    return (out if isinstance(out, torch.Tensor) else out.pooler_output).numpy()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_features_loss_and_gradients_match_transformers(tmp_path, name):
+    spec = CONFIGS[name]
+    model = hf_model(tmp_path, spec)
+    params, cfg = mc.load_weights(tmp_path)
+    assert (cfg.text_heads, cfg.vision_heads) == (spec["text"][1], spec["vision"][1])
+    pixels, ids = inputs(spec)
+
+    with torch.no_grad():
+        img_ref = features(model.get_image_features(pixel_values=torch.tensor(pixels)))
+        txt_ref = features(model.get_text_features(input_ids=torch.tensor(ids)))
+    out = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), return_loss=True)
+    out.loss.backward()
+
+    assert max_rel(mc.encode_image(params, cfg, pixels), img_ref) < 1e-5
+    assert max_rel(mc.encode_text(params, cfg, ids), txt_ref) < 1e-5
+    loss, grads = mc.loss_and_grads(params, cfg, pixels, ids)
+    assert abs(loss - out.loss.item()) / out.loss.item() < 1e-5
+
+    ref_grads = mc.hf_to_openai({k: p.grad.numpy() for k, p in model.named_parameters()})
+    assert set(ref_grads) == set(grads)
+    errors = {k: max_rel(grads[k], ref_grads[k]) for k in grads}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-4, f"{worst}: {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("size", [(37, 23), (23, 37), (224, 224), (301, 299), (5, 640)])
+def test_preprocessing_matches_clip_image_processor(size):
+    from PIL import Image
+    processor = transformers.CLIPImageProcessorPil()
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ref = processor(images=img, return_tensors="np")["pixel_values"][0]
+    ours = mc.preprocess(img, 224)
+    assert ours.shape == ref.shape == (3, 224, 224)
+    assert np.abs(ours - ref).max() < 1e-6
+
+
+def test_preprocessing_composites_transparency_like_transformers(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (50, 70, 4), dtype=np.uint8), "RGBA")
+    rgba.save(tmp_path / "a.png")
+    ref = transformers.CLIPImageProcessorPil()(images=rgba, return_tensors="np")["pixel_values"][0]
+    assert np.abs(mc.preprocess(mc.open_image(tmp_path / "a.png"), 224) - ref).max() < 1e-6
+
+
+def test_safetensors_reader_matches_the_safetensors_package(tmp_path):
+    safetensors_numpy = reference("safetensors.numpy")
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 4)).astype(np.float32),
+               "half": rng.standard_normal((5,)).astype(np.float16),
+               "empty": np.zeros((0, 3), np.float32), "ids": np.arange(6, dtype=np.int64).reshape(2, 3)}
+    safetensors_numpy.save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "np"})
+    got = mc.read_safetensors(tmp_path / "x.safetensors")
+    assert set(got) == set(tensors)
+    for k, v in tensors.items():
+        assert got[k].shape == v.shape and np.array_equal(got[k], v.astype(got[k].dtype))
+
+    bf = torch.randn(4, 5).to(torch.bfloat16)
+    safetensors_torch = reference("safetensors.torch")
+    safetensors_torch.save_file({"w": bf}, str(tmp_path / "bf16.safetensors"))
+    assert np.array_equal(mc.read_safetensors(tmp_path / "bf16.safetensors")["w"], bf.float().numpy())

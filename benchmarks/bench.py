@@ -1,0 +1,259 @@
+"""
+miniclip against PyTorch (transformers' CLIPModel) on the same machine, weights and inputs, in one run.
+
+    python benchmarks/bench.py            the whole table, a few minutes on 2 cores
+    python benchmarks/bench.py --quick    fewer repeats
+
+Both sides load one save_pretrained folder of random weights and use the same number of threads.
+Each measurement runs in a fresh subprocess, so its peak memory is its own: after loading the weights
+the process notes its resident memory, resets its peak (Linux's /proc/self/clear_refs), runs, and
+reports the peak (VmHWM) above that baseline: activations, gradients and optimizer state. Times are
+medians over the repeats after one warm-up. GFLOP/s counts the matrix products only (2 flops per
+multiply-add, 3x the forward's for a train step) and is shown as a share of measured sgemm peak.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+THREADS = os.cpu_count()
+TINY = dict(image=32, patch=8, vision=(96, 3, 3), text=(96, 3, 3), vocab=641, context=20, embed=64)
+B32 = dict(image=224, patch=32, vision=(768, 12, 12), text=(512, 12, 8), vocab=49408, context=77, embed=512)
+
+
+def hf_config(spec):
+    import transformers
+    (vw, vl, vh), (tw, tl, th) = spec["vision"], spec["text"]
+    return transformers.CLIPConfig(
+        text_config=dict(vocab_size=spec["vocab"], hidden_size=tw, intermediate_size=4 * tw, num_hidden_layers=tl,
+                         num_attention_heads=th, max_position_embeddings=spec["context"],
+                         eos_token_id=spec["vocab"] - 1, hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=vl, num_attention_heads=vh,
+                           image_size=spec["image"], patch_size=spec["patch"], hidden_act="quick_gelu"),
+        projection_dim=spec["embed"], attn_implementation="eager")
+
+
+def make_folder(spec, folder):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    transformers.CLIPModel(hf_config(spec)).save_pretrained(folder)
+
+
+def inputs(spec, n, text_len):
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((n, 3, spec["image"], spec["image"])).astype(np.float32)
+    ids = rng.integers(1, spec["vocab"] - 2, (n, text_len))
+    ids[:, 0] = spec["vocab"] - 2
+    ids[:, -1] = spec["vocab"] - 1                       # every text fills the row, EOT last
+    return pixels, ids
+
+
+def matmul_flops(spec, n, text_len, image=True, text=True):
+    """Forward multiply-adds x 2 of the matrix products: projections, MLPs, attention scores and mixing."""
+    def tower(width, layers, T):
+        per_layer = 2 * n * T * (12 * width * width) + 2 * 2 * n * T * T * width
+        return layers * per_layer
+    total = 0
+    if image:
+        T = (spec["image"] // spec["patch"]) ** 2 + 1
+        total += tower(spec["vision"][0], spec["vision"][1], T) + 2 * n * (T - 1) * 3 * spec["patch"] ** 2 * spec["vision"][0]
+    if text:
+        total += tower(spec["text"][0], spec["text"][1], text_len)
+    return total
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+
+
+def timed(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(framework, task, folder, repeats):
+    """
+    Runs in its own process: load the weights, note the resident memory, then build the optimizer (for a
+    train step) and time the work. Returns the median seconds and the peak memory above that baseline.
+    """
+    spec = TINY if task == "train" else B32
+    n, text_len = {"train": (128, 16), "image": (16, 77), "text": (256, 77)}[task]
+    pixels, ids = inputs(spec, n, text_len)
+    if framework == "miniclip":
+        import miniclip as mc
+        params, cfg = mc.load_weights(folder)
+        baseline = rss_mib()
+        reset_peak()
+        if task == "train":
+            opt = mc.AdamW(params)
+
+            def fn():
+                loss, grads = mc.loss_and_grads(params, cfg, pixels, ids)
+                opt.step(params, grads, 1e-5)
+        elif task == "image":
+            fn = lambda: mc.encode_image(params, cfg, pixels)
+        else:
+            fn = lambda: mc.encode_text(params, cfg, ids)
+    else:
+        import torch
+        import transformers
+        torch.set_num_threads(THREADS)
+        model = transformers.CLIPModel.from_pretrained(folder, attn_implementation="eager")
+        px, tid = torch.from_numpy(pixels), torch.from_numpy(ids)
+        baseline = rss_mib()
+        reset_peak()
+        if task == "train":
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+
+            def fn():
+                opt.zero_grad(set_to_none=True)
+                model(input_ids=tid, pixel_values=px, return_loss=True).loss.backward()
+                opt.step()
+        else:
+            model.eval()
+
+            def fn():
+                with torch.inference_mode():
+                    if task == "image":
+                        model.get_image_features(pixel_values=px)
+                    else:
+                        model.get_text_features(input_ids=tid)
+    seconds = timed(fn, repeats)
+    flops = matmul_flops(spec, n, text_len, task != "text", task != "image") * (3 if task == "train" else 1)
+    return {"seconds": seconds, "peak_mib": peak_mib() - baseline, "gflop": flops / 1e9}
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def sgemm_peak():
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    return 2 * 2048 ** 3 / timed(lambda: a @ a, 5) / 1e9
+
+
+def tokenizer_rows(quick):
+    """Encoding throughput against transformers' CLIPTokenizer on CLIP's vocabulary, and BPE training time."""
+    import importlib.util
+    import bpe
+    rows = []
+    spec = importlib.util.find_spec("open_clip")
+    vocab = spec and os.path.join(spec.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+    corpus = stdlib_text(4 * 2 ** 20)
+    if vocab and os.path.exists(vocab):
+        import transformers
+        lines = [line for line in corpus.splitlines() if line.strip()][:20000 if quick else 100000]
+        ours = bpe.load(vocab)
+        with tempfile.TemporaryDirectory() as d:
+            ours.save_hf(d)
+            hf = transformers.CLIPTokenizer.from_pretrained(d)
+        n_tokens = sum(len(ours.encode(line)) for line in lines)
+        ours.cache.clear()
+        fresh = bpe.load(vocab)
+        t_ours = timed(lambda: [fresh.encode(line) for line in lines], 1 if quick else 3)
+        t_hf_each = timed(lambda: [hf(line, add_special_tokens=False)["input_ids"] for line in lines], 1 if quick else 3)
+        t_hf_batch = timed(lambda: hf(lines, add_special_tokens=False)["input_ids"], 1 if quick else 3)
+        rows.append(("Tokenizer encode, one text per call", f"{n_tokens / t_ours / 1e6:.2f}M tok/s",
+                     f"{n_tokens / t_hf_each / 1e6:.2f}M tok/s", t_ours / t_hf_each))
+        rows.append(("Tokenizer encode, whole list in one call", f"{n_tokens / t_ours / 1e6:.2f}M tok/s",
+                     f"{n_tokens / t_hf_batch / 1e6:.2f}M tok/s", t_ours / t_hf_batch))
+    else:
+        rows.append(("Tokenizer encode", "not measured: open-clip-torch (CLIP's vocabulary) missing", "", None))
+    t0 = time.perf_counter()
+    tok = bpe.train([corpus], 8192)
+    rows.append((f"BPE training, {len(corpus) / 2 ** 20:.0f} MiB of text to {tok.vocab_size} tokens",
+                 f"{time.perf_counter() - t0:.1f} s", "no counterpart", None))
+    return rows
+
+
+def stdlib_text(n_bytes):
+    """A few MB of real English and code: Python's own standard library sources, in a fixed order."""
+    import sysconfig
+    lib = sysconfig.get_paths()["stdlib"]
+    parts, size = [], 0
+    for name in sorted(os.listdir(lib)):
+        if name.endswith(".py"):
+            with open(os.path.join(lib, name), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            parts.append(text)
+            size += len(text)
+            if size >= n_bytes:
+                break
+    return "".join(parts)[:n_bytes]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--one", nargs=4, metavar=("FRAMEWORK", "TASK", "FOLDER", "REPEATS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        framework, task, folder, repeats = args.one
+        print(json.dumps(measure(framework, task, folder, int(repeats))))
+        return
+
+    import platform
+    import torch
+    print(f"machine: {platform.processor() or platform.machine()}, {THREADS} cores; numpy {np.__version__}, "
+          f"torch {torch.__version__}; {THREADS} threads each")
+    peak = sgemm_peak()
+    print(f"sgemm peak (NumPy, 2048^3): {peak:.0f} GFLOP/s")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for spec, name in ((TINY, "tiny"), (B32, "b32")):
+            make_folder(spec, os.path.join(d, name))
+        for task, label, unit in (("train", "Train step, tiny, batch 128", "s/step"),
+                                  ("image", "ViT-B/32 image encoding, batch 16 at 224", "img/s"),
+                                  ("text", "ViT-B/32 text encoding, batch 256 x 77", "texts/s")):
+            folder = os.path.join(d, "tiny" if task == "train" else "b32")
+            repeats = {"train": 10, "image": 5, "text": 3}[task] // (2 if args.quick else 1) or 1
+            res = {}
+            for fw in ("miniclip", "torch"):
+                out = subprocess.run([sys.executable, __file__, "--one", fw, task, folder, str(repeats)],
+                                     capture_output=True, text=True, check=True).stdout
+                res[fw] = json.loads(out.strip().splitlines()[-1])
+            n = {"train": 1, "image": 16, "text": 256}[task]
+            fmt = (lambda r: f"{r['seconds']:.3f} s") if task == "train" else (lambda r: f"{n / r['seconds']:.1f} {unit}")
+            gf = lambda r: f"{r['gflop'] / r['seconds']:.0f} ({r['gflop'] / r['seconds'] / peak:.0%})"
+            rows.append((label, fmt(res["miniclip"]), fmt(res["torch"]),
+                         res["miniclip"]["seconds"] / res["torch"]["seconds"],
+                         f"{res['miniclip']['peak_mib']:.0f} / {res['torch']['peak_mib']:.0f}",
+                         f"{gf(res['miniclip'])} / {gf(res['torch'])}"))
+    rows += [(*r, "", "") for r in tokenizer_rows(args.quick)]
+
+    print()
+    print("| benchmark | miniclip | PyTorch | time ratio (miniclip / PyTorch) | peak MiB (miniclip / PyTorch) "
+          "| GFLOP/s, % of sgemm peak (miniclip / PyTorch) |")
+    print("|---|---|---|---|---|---|")
+    for label, ours, theirs, ratio, mem, flops in rows:
+        print(f"| {label} | {ours} | {theirs} | {'' if ratio is None else f'{ratio:.2f}'} | {mem} | {flops} |")
+    print("| GPU (CuPy against PyTorch CUDA) | not measured: this run had no GPU | | | | |")
+
+
+if __name__ == "__main__":
+    main()

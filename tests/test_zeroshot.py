@@ -1,0 +1,212 @@
+"""zeroshot.py by subprocess, as a user runs it: output formats, ensembling, and every bad input."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import bpe
+import miniclip as mc
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=None):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), *map(str, args)],
+                       capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A briefly trained tiny checkpoint and a few images (accuracy is not the point here)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    assert train.main(["--tiny", "--steps", "4", "--n-train", "256", "--n-eval", "48", "--batch-size", "32",
+                       "--out", str(folder / "tiny.npz")]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sample(tiny):
+    return str(sorted((tiny / "samples").iterdir())[0])
+
+
+def test_table(tiny, sample):
+    p = run(sample, "--checkpoint", tiny / "tiny.npz")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == sample and len(lines) == 6 and lines[1].lstrip().startswith("1. ")
+    probs = [float(line.split("%")[0].split()[-1]) for line in lines[1:]]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_json_all_labels_sorted(tiny, sample):
+    p = run(sample, sample, "--checkpoint", tiny / "tiny.npz", "--json")
+    records = [json.loads(line) for line in p.stdout.splitlines()]
+    assert len(records) == 2 and records[0]["image"] == sample
+    preds = records[0]["predictions"]
+    assert len(preds) == 48 and {d["label"] for d in preds} == set(train.LABELS)
+    assert [d["prob"] for d in preds] == sorted((d["prob"] for d in preds), reverse=True)
+    assert abs(sum(d["prob"] for d in preds) - 1) < 1e-6
+    top2 = json.loads(run(sample, "--checkpoint", tiny / "tiny.npz", "--json", "--topk", "2").stdout)
+    assert [d["label"] for d in top2["predictions"]] == [d["label"] for d in preds[:2]]
+
+
+def test_ensembling_matches_the_definition(tiny, sample):
+    """Two templates: the class embedding is the normalized mean of the two normalized prompt embeddings."""
+    labels, templates = ["red star", "blue cross", "white circle"], ["a photo of a {}", "{}"]
+    p = run(sample, "--checkpoint", tiny / "tiny.npz", "--json", "--labels", ",".join(labels),
+            "--template", templates[0], "--template", templates[1])
+    got = {d["label"]: d["prob"] for d in json.loads(p.stdout)["predictions"]}
+
+    params, cfg, meta, _ = mc.load_checkpoint(tiny / "tiny.npz")
+    tok = bpe.from_list(meta["tokenizer"])
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    classes = []
+    for label in labels:
+        ids = tok.tokenize([t.format(label) for t in templates], cfg.context_length)
+        classes.append(unit(unit(mc.encode_text(params, cfg, ids)).mean(axis=0)))
+    img = unit(mc.encode_image(params, cfg, mc.preprocess(Image.open(sample), cfg.image_size)[None]))
+    logits = np.exp(float(params["logit_scale"])) * img @ np.array(classes).T
+    want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert np.allclose([got[label] for label in labels], want[0], atol=1e-5)
+
+
+def test_long_label_is_truncated_with_a_warning(tiny, sample):
+    p = run(sample, "--checkpoint", tiny / "tiny.npz", "--labels", "red star," + "very " * 40 + "long")
+    assert p.returncode == 0 and "warning: prompt" in p.stderr and "truncated" in p.stderr
+
+
+def bomb_png(path, side=100_000):
+    """A PNG whose header claims side x side pixels (10 gigapixels) over a few bytes of data."""
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_bad_images_each_get_one_line_and_the_rest_are_answered(tiny, sample, tmp_path):
+    (tmp_path / "dir.jpg").mkdir()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("this is not a jpeg")
+    buf = tmp_path / "whole.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf)
+    (tmp_path / "truncated.jpg").write_bytes(buf.read_bytes()[:300])
+    bomb_png(tmp_path / "bomb.png")
+    bad = {"missing.jpg": "no such file", "dir.jpg": "is a directory", "empty.jpg": "not an image",
+           "text.jpg": "not an image", "truncated.jpg": "cannot decode", "bomb.png": "decompression bomb"}
+    p = run(sample, *[tmp_path / name for name in bad], "--checkpoint", tiny / "tiny.npz", "--json")
+    assert p.returncode == 1
+    errors = p.stderr.strip().splitlines()
+    assert len(errors) == len(bad)
+    for line, (name, message) in zip(errors, bad.items()):
+        assert line.startswith(f"error: {tmp_path / name}: ") and message in line, line
+    assert [json.loads(line)["image"] for line in p.stdout.splitlines()] == [sample]
+
+
+def test_odd_but_valid_images(tiny, tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.jpg")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.gif")
+    Image.fromarray((rng.integers(0, 65536, (40, 60))).astype(np.uint16)).save(tmp_path / "deep.png")
+    p = run(*[tmp_path / n for n in ("rgba.png", "gray.jpg", "palette.gif", "deep.png")],
+            "--checkpoint", tiny / "tiny.npz", "--json")
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout.splitlines()) == 4
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    """Orientation 6 means: rotate 90 degrees clockwise to display. The stored left half becomes the top."""
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    img = np.asarray(mc.open_image(tmp_path / "rot.jpg"))
+    assert img.shape == (40, 20, 3)
+    assert img[5, 10, 0] > 200 > img[5, 10, 2] and img[35, 10, 2] > 200 > img[35, 10, 0]
+
+
+def test_sixteen_bit_keeps_its_contrast(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    img = np.asarray(mc.open_image(tmp_path / "ramp.png"))[:, :, 0]
+    assert img[0, 0] == 0 and img[0, -1] == 255 and 100 < img[0, 32] < 155
+
+
+def test_whole_call_errors(tiny, sample, tmp_path):
+    ck = tiny / "tiny.npz"
+    p = run(sample, "--checkpoint", ck, "--labels", " , ,")
+    assert p.returncode == 1 and p.stderr == "error: the label list is empty\n"
+
+    p = run(sample, cwd=tmp_path)                       # no default checkpoint here
+    assert p.returncode == 1 and "run `python train.py --tiny` first" in p.stderr
+
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04garbage")
+    np.savez(tmp_path / "pickled.npz", x=np.array([object()], dtype=object))
+    np.savez(tmp_path / "foreign.npz", w=np.ones(2))
+    for name, message in (("corrupt.npz", "not a readable miniclip checkpoint"),
+                          ("pickled.npz", "refusing to unpickle"), ("foreign.npz", "not a miniclip checkpoint")):
+        p = run(sample, "--checkpoint", tmp_path / name)
+        assert p.returncode == 1 and message in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(struct.pack("<Q", 10 ** 12) + b"{}")
+    p = run(sample, "--weights", tmp_path / "hf", "--labels", "a,b")
+    assert p.returncode == 1 and "not a valid safetensors file" in p.stderr and p.stderr.count("\n") == 1
+
+    p = run(sample, "--weights", tmp_path / "hf")
+    assert p.returncode == 1 and "--weights needs labels" in p.stderr
+
+    p = run(sample, "--checkpoint", ck, "--template", "no placeholder")
+    assert p.returncode == 1 and "has no {}" in p.stderr
+
+
+def test_weights_folder_matches_transformers(tmp_path):
+    """
+    A random-weight Hugging Face CLIP folder with CLIP's real vocabulary (49,408 tokens) and context 77:
+    zeroshot.py --weights gives the probabilities of transformers' CLIPModel and its processors.
+    """
+    from conftest import open_clip_file, reference
+    torch = reference("torch")
+    transformers = reference("transformers")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16, hidden_act="quick_gelu"),
+        projection_dim=32, attn_implementation="eager")
+    model = transformers.CLIPModel(config).eval()
+    assert (config.text_config.vocab_size, config.text_config.max_position_embeddings) == (49408, 77)
+    folder = tmp_path / "clip"
+    model.save_pretrained(folder)
+    bpe.load(open_clip_file("bpe_simple_vocab_16e6.txt.gz")).save_hf(folder)
+    transformers.CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}) \
+        .save_pretrained(folder)
+
+    image = tmp_path / "odd.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (71, 97, 3), dtype=np.uint8)).save(image)
+    labels = ["cat", "dog", "red sports car", "a diagram of attention"]
+    p = run(image, "--weights", folder, "--labels", ",".join(labels), "--json")
+    assert p.returncode == 0, p.stderr
+    got = {d["label"]: d["prob"] for d in json.loads(p.stdout)["predictions"]}
+
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    processor = transformers.CLIPImageProcessorPil.from_pretrained(str(folder))
+    text = tokenizer([f"a photo of a {label}." for label in labels], padding=True, return_tensors="pt")
+    pixels = processor(images=Image.open(image), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want = model(**text, pixel_values=pixels).logits_per_image.softmax(-1)[0].numpy()
+    assert np.abs(np.array([got[label] for label in labels]) - want).max() < 1e-4

@@ -1,0 +1,168 @@
+"""
+Zero-shot image classification: rank any labels you name by how well CLIP matches them to an image.
+
+    python zeroshot.py checkpoints/samples/green_star.png                  the model train.py --tiny wrote
+    python zeroshot.py cat.jpg --weights clip-vit-base-patch32 --labels "cat,dog,car"
+
+Each label is written into prompt templates ("a photo of a {}."), the prompts are embedded by the text
+tower, and each label's embeddings are averaged (CLIP's prompt ensembling). An image's probabilities are
+the softmax over labels of exp(logit_scale) times the cosine similarity, as in CLIP's own zero-shot code.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+import bpe
+import miniclip as mc
+
+DEFAULT_CHECKPOINT = os.path.join("checkpoints", "tiny.npz")
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+class UserError(Exception):
+    """A problem with the call as a whole: one line on stderr, exit status 1."""
+
+
+def load_model(args):
+    """(params, cfg, tokenizer, labels, templates, preprocessing settings) from --weights or --checkpoint."""
+    if args.weights:
+        params, cfg = mc.load_weights(args.weights)
+        folder = args.weights if os.path.isdir(args.weights) else os.path.dirname(os.path.abspath(args.weights))
+        tok = bpe.load(folder)
+        return params, cfg, tok, None, [DEFAULT_TEMPLATE], read_preprocessor(folder, cfg)
+    path = args.checkpoint or DEFAULT_CHECKPOINT
+    if not os.path.exists(path):
+        if args.checkpoint:
+            raise UserError(f"{path}: no such checkpoint")
+        raise UserError(f"no checkpoint at {path}: run `python train.py --tiny` first, or pass --checkpoint "
+                        f"or --weights")
+    params, cfg, meta, _ = mc.load_checkpoint(path)
+    if "tokenizer" not in meta:
+        raise UserError(f"{path}: the checkpoint holds no tokenizer")
+    params = mc.to_device({k: v.astype(np.float32) for k, v in params.items()})
+    return (params, cfg, bpe.from_list(meta["tokenizer"]), meta.get("labels") or None,
+            meta.get("templates") or [DEFAULT_TEMPLATE], (cfg.image_size, cfg.image_size, mc.CLIP_MEAN, mc.CLIP_STD))
+
+
+def read_preprocessor(folder, cfg):
+    """(resize, crop, mean, std) from a Hugging Face preprocessor_config.json, or CLIP's defaults."""
+    path = os.path.join(folder, "preprocessor_config.json")
+    size, crop, mean, std = cfg.image_size, cfg.image_size, mc.CLIP_MEAN, mc.CLIP_STD
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                pc = json.load(f)
+            size = pc.get("size", size)
+            size = size.get("shortest_edge", size) if isinstance(size, dict) else size
+            crop = pc.get("crop_size", crop)
+            crop = crop.get("height", crop) if isinstance(crop, dict) else crop
+            mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{path}: not a readable preprocessor config ({e})") from None
+    if crop != cfg.image_size:
+        raise UserError(f"{path}: crops {crop} pixels but the model takes {cfg.image_size}")
+    return int(size), int(crop), mean, std
+
+
+def read_labels(args, default):
+    if args.labels_file:
+        try:
+            with open(args.labels_file, encoding="utf-8") as f:
+                labels = [line.strip() for line in f]
+        except OSError as e:
+            raise UserError(f"{args.labels_file}: cannot read labels ({e.strerror})") from None
+    elif args.labels is not None:
+        labels = [label.strip() for label in args.labels.split(",")]
+    else:
+        labels = default
+    labels = [label for label in labels if label]
+    if not labels:
+        raise UserError("the label list is empty")
+    return labels
+
+
+def classifier(params, cfg, tok, labels, templates):
+    """The (labels, E) class embeddings, computed once per call. Too-long prompts are cut, with a warning."""
+    prompts = [t.format(label) for label in labels for t in templates]
+    for p in prompts:
+        n = len(tok.encode(p)) + 2
+        if n > cfg.context_length:
+            print(f"warning: prompt {p[:60]!r} is {n} tokens, over the context of {cfg.context_length}; "
+                  "truncated", file=sys.stderr)
+    ids = tok.tokenize(prompts, cfg.context_length, truncate=True)
+    return mc.class_embeddings(params, cfg, mc.to_device(ids), len(templates))
+
+
+def print_table(path, labels, probs, topk):
+    print(path)
+    order = np.argsort(-probs)[:topk]
+    width = max(len(labels[i]) for i in order)
+    for rank, i in enumerate(order, start=1):
+        bar = "#" * int(round(probs[i] * 30))
+        print(f"  {rank:2d}. {labels[i]:<{width}}  {100 * probs[i]:6.2f}%  {bar}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("images", nargs="+", help="image files")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--checkpoint", help=f"a checkpoint from train.py (default: {DEFAULT_CHECKPOINT})")
+    w.add_argument("--weights", help="a Hugging Face CLIP folder, or its model.safetensors")
+    lab = p.add_mutually_exclusive_group()
+    lab.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,car"')
+    lab.add_argument("--labels-file", help="a file with one label per line")
+    p.add_argument("--template", action="append",
+                   help='a prompt template with {} for the label; repeat to ensemble (default: the '
+                        f'checkpoint\'s, or "{DEFAULT_TEMPLATE}")')
+    p.add_argument("--topk", type=int, help="show the K best labels (default: 5 in the table, all in --json)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    p.add_argument("--device", choices=["cpu", "gpu"], help="default: $MINICLIP_DEVICE or cpu")
+    p.add_argument("--batch-size", type=int, default=32, help="images encoded at a time")
+    args = p.parse_args(argv)
+
+    try:
+        if args.weights and args.labels is None and args.labels_file is None:
+            raise UserError("--weights needs labels: give --labels \"cat,dog\" or --labels-file FILE")
+        if args.device:
+            mc.set_device(args.device)
+        params, cfg, tok, default_labels, templates, (size, crop, mean, std) = load_model(args)
+        labels = read_labels(args, default_labels)
+        templates = args.template or templates
+        bad = [t for t in templates if "{}" not in t]
+        if bad:
+            raise UserError(f"template {bad[0]!r} has no {{}} for the label")
+        classes = classifier(params, cfg, tok, labels, templates)              # (labels, E)
+    except (UserError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    scale = min(float(np.exp(mc.to_numpy(params["logit_scale"]))), mc.MAX_LOGIT_SCALE)
+
+    failed = 0
+    for start in range(0, len(args.images), args.batch_size):
+        paths, pixels = [], []
+        for path in args.images[start:start + args.batch_size]:
+            try:
+                pixels.append(mc.preprocess(mc.open_image(path), size, crop, mean, std))
+                paths.append(path)
+            except ValueError as e:
+                print(f"error: {path}: {e}", file=sys.stderr)
+                failed += 1
+        if not paths:
+            continue
+        img = mc.normalized(mc.encode_image(params, cfg, mc.to_device(np.stack(pixels))))  # (n, E)
+        probs = mc.to_numpy(mc.softmax_forward(scale * (img @ classes.T))[0]).astype(np.float64)
+        for path, pr in zip(paths, probs):
+            if args.json:
+                order = np.argsort(-pr)[:args.topk or len(labels)]
+                print(json.dumps({"image": path, "predictions": [{"label": labels[i], "prob": float(pr[i])}
+                                                                 for i in order]}))
+            else:
+                print_table(path, labels, pr, args.topk or 5)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

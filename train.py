@@ -43,9 +43,12 @@ CAPTIONS = ("a photo of a {size} {color} {shape}{where}", "a drawing of a {size}
             "a {color} {shape}{where}", "a picture of a {color} {shape}", "a {size} {shape} colored {color}{where}",
             "there is a {color} {shape}{where}", "a {shape} that is {color}", "an image of a {color} {shape}",
             "{size} {color} {shape}", "a {color} {shape} on a dark background")
-# Prompt ensembling at evaluation: each label is embedded in every template, and the average is used.
-TEMPLATES = ("a photo of a {}", "a drawing of a {}", "a picture of a {}", "an image of a {}", "a {}")
 LABELS = [f"{c} {s}" for c in COLORS for s in SHAPES]
+
+
+# Prompt ensembling at evaluation, as CLIP does: each label goes into every template, and the
+# normalized text embeddings are averaged.
+TEMPLATES = ("a photo of a {}", "a drawing of a {}", "a picture of a {}", "an image of a {}", "a {}")
 
 
 def split_pairs(seed):
@@ -89,8 +92,9 @@ def draw_shape(rng, color, kind, size, where, side):
     edges; the mask then blends the shape's color over the background.
     """
     big = side * 4
-    r = big * (rng.uniform(0.15, 0.19) if size == "small" else rng.uniform(0.26, 0.32))
-    lo, hi = r + 2, big - r - 2                         # the center keeps the whole shape in the image
+    r = big * (rng.uniform(0.16, 0.20) if size == "small" else rng.uniform(0.26, 0.32))
+    # Keep the shape side/9 away from every edge: a training crop of 8/9 of the side then never cuts it.
+    lo, hi = r + big / 9, big - r - big / 9
     mid = big / 2 + rng.uniform(-0.05, 0.05, 2) * big
     side_lo, side_hi = rng.uniform(lo, max(lo, 0.34 * big)), rng.uniform(min(hi, 0.66 * big), hi)
     cx, cy = {"left": (side_lo, mid[1]), "right": (side_hi, mid[1]), "top": (mid[0], side_lo),
@@ -250,7 +254,7 @@ class TrainConfig:
     batch_size: int = 128         # pairs per step; the contrastive loss sees batch_size^2 pairs
     lr: float = 1e-3              # peak learning rate, after warmup
     warmup: int = 100             # steps of linear warmup from 0
-    weight_decay: float = 0.1     # AdamW's decoupled decay, on weight matrices only
+    weight_decay: float = 0.2     # AdamW's decoupled decay, on weight matrices only (the paper's 0.2)
     seed: int = 0
     n_train: int = 24000          # --tiny: generated training images
     n_eval: int = 1200            # --tiny: generated held-out images (of the unseen pairs)
@@ -448,8 +452,7 @@ def train_loop(args, run):
         print(f"resume with: python train.py --resume {out}")
         return 130 if stop else 0
     if run["held"]:
-        samples = save_samples(os.path.join(os.path.dirname(os.path.abspath(out)), "samples"), val, run["held"],
-                               cfg.image_size)
+        samples = save_samples(os.path.join(os.path.dirname(out), "samples"), val, run["held"], cfg.image_size)
         print(f"held-out samples: {' '.join(samples)}")
         print(f"try: python zeroshot.py {samples[0]}")
     return 0

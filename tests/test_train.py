@@ -45,8 +45,9 @@ def test_generator_shapes_sizes_and_positions_match_pixels():
     assert fills["square"] > 0.9 > fills["circle"] > 0.7 > fills["cross"] > fills["star"]
     assert 0.4 < fills["triangle"] < 0.65 and 0.4 < fills["diamond"] < 0.65
     assert stats("circle", "large")[1] > 2.5 * stats("circle", "small")[1]
-    assert stats("square", where="left")[2] < 14 < 22 < stats("square", where="right")[2]
-    assert stats("square", where="top")[3] < 14 < 22 < stats("square", where="bottom")[3]
+    assert stats("square", "small", "left")[2] < 14 < 22 < stats("square", "small", "right")[2]
+    assert stats("square", "small", "top")[3] < 14 < 22 < stats("square", "small", "bottom")[3]
+    assert 16 < stats("circle", "small", "center")[2] < 20
 
 
 def test_held_out_pairs_keep_every_word_in_training():

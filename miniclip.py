@@ -638,14 +638,24 @@ def encode_text_backward(dfeat, cache, params, grads):
     grads["token_embedding.weight"], grads["positional_embedding"] = embed_tokens_backward(dx, emb)
 
 
+# Inference runs the batch in chunks of at most this many tokens, so the activations alive at once
+# stay small (256 texts of 77 tokens in one piece would hold ~1 GB in each block of ViT-B/32), while
+# each matrix product still has thousands of rows, which is all BLAS needs to run at full speed.
+CHUNK_TOKENS = 8192
+
+
 def encode_image(params, cfg, pixels):
     """Image features, (N, E), projected and unnormalized as OpenAI's encode_image returns them."""
-    return encode_image_forward(params, cfg, pixels, keep_cache=False)[0]
+    n = max(1, CHUNK_TOKENS // ((cfg.image_size // cfg.patch_size) ** 2 + 1))
+    return xp.concatenate([encode_image_forward(params, cfg, pixels[i:i + n], keep_cache=False)[0]
+                           for i in range(0, len(pixels), n)])
 
 
 def encode_text(params, cfg, ids):
     """Text features, (N, E), projected and unnormalized as OpenAI's encode_text returns them."""
-    return encode_text_forward(params, cfg, ids, keep_cache=False)[0]
+    n = max(1, CHUNK_TOKENS // ids.shape[1])
+    return xp.concatenate([encode_text_forward(params, cfg, ids[i:i + n], keep_cache=False)[0]
+                           for i in range(0, len(ids), n)])
 
 
 def loss_and_grads(params, cfg, pixels, ids):
@@ -671,14 +681,13 @@ def normalized(x):
     return x / xp.sqrt((x * x).sum(axis=-1, keepdims=True))
 
 
-def class_embeddings(params, cfg, ids, n_templates, batch=256):
+def class_embeddings(params, cfg, ids, n_templates):
     """
     CLIP's zero-shot classifier, with prompt ensembling: each label is written into n_templates
     prompts ("a photo of a {}", ...); the prompts' normalized embeddings are averaged per label and the
     average normalized again. ids: (labels * n_templates, T), label-major   ->   (labels, E)
     """
-    feats = xp.concatenate([normalized(encode_text(params, cfg, ids[i:i + batch]))
-                            for i in range(0, len(ids), batch)])
+    feats = normalized(encode_text(params, cfg, ids))
     return normalized(feats.reshape(len(ids) // n_templates, n_templates, -1).mean(axis=1))
 
 

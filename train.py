@@ -209,16 +209,14 @@ def trim(ids):
 # Evaluation
 
 
-def image_embeddings(params, cfg, pixels, batch=256):
-    """Normalized image embeddings as NumPy, (N, E), computed in batches."""
-    return np.concatenate([mc.to_numpy(mc.normalized(mc.encode_image(params, cfg, mc.to_device(pixels[i:i + batch]))))
-                           for i in range(0, len(pixels), batch)])
+def image_embeddings(params, cfg, pixels):
+    """Normalized image embeddings as NumPy, (N, E)."""
+    return mc.to_numpy(mc.normalized(mc.encode_image(params, cfg, mc.to_device(pixels))))
 
 
-def text_embeddings(params, cfg, ids, batch=256):
-    """Normalized text embeddings as NumPy, (N, E), computed in batches."""
-    return np.concatenate([mc.to_numpy(mc.normalized(mc.encode_text(params, cfg, mc.to_device(trim(ids[i:i + batch])))))
-                           for i in range(0, len(ids), batch)])
+def text_embeddings(params, cfg, ids):
+    """Normalized text embeddings as NumPy, (N, E)."""
+    return mc.to_numpy(mc.normalized(mc.encode_text(params, cfg, mc.to_device(trim(ids)))))
 
 
 def recall_at(sim, query_keys, item_keys, ks=(1, 5)):

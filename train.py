@@ -287,7 +287,7 @@ def build_data(args, cfg, tc):
               f"{time.time() - t0:.1f}s")
         return train, val, LABELS, list(TEMPLATES), held
     data = read_csv(args.data, args.csv_img_key, args.csv_caption_key, args.csv_separator, side, args.skip_bad)
-    n_val = max(1, int(len(data.captions) * args.val_frac)) if len(data.captions) > 1 else 0
+    n_val = max(1, int(len(data.captions) * args.val_frac)) if args.val_frac > 0 and len(data.captions) > 1 else 0
     order = np.random.default_rng(tc.seed).permutation(len(data.captions))
     pick = lambda idx: Data(data.images[idx], [data.captions[i] for i in idx], [data.keys[i] for i in idx])
     val = pick(order[:n_val]) if n_val else None

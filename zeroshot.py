@@ -76,6 +76,8 @@ def read_labels(args, default):
             raise UserError(f"{args.labels_file}: cannot read labels ({e.strerror})") from None
     elif args.labels is not None:
         labels = [label.strip() for label in args.labels.split(",")]
+    elif default is None:
+        raise UserError("the checkpoint stores no labels: give --labels \"cat,dog\" or --labels-file FILE")
     else:
         labels = default
     labels = [label for label in labels if label]

@@ -124,6 +124,24 @@ def test_csv_training(tmp_path, capsys):
     # Fine-tune from those weights, with the tokenizer given as a file.
     assert train.main(["--data", csv_path, "--steps", "2", "--batch-size", "4", "--init", str(out),
                        "--tokenizer", f"{tok_prefix}.bpe", "--out", str(tmp_path / "ft.npz")]) == 0
+    # Stop early and resume: the checkpoint remembers the CSV, so --data need not be given again.
+    part = tmp_path / "part.npz"
+    capsys.readouterr()
+    assert train.main(["--data", csv_path, "--steps", "4", "--batch-size", "4", "--val-frac", "0",
+                       "--stop-at", "2", "--out", str(part)]) == 0
+    assert "10 training pairs, 0 validation pairs" in capsys.readouterr().out
+    assert train.main(["--resume", str(part), "--out", str(part)]) == 0
+    assert "10 training pairs, 0 validation pairs" in capsys.readouterr().out
+    assert mc.load_checkpoint(part)[2]["step"] == 4
+
+    # A model trained on captions has no labels: zeroshot.py asks for them.
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), str(tmp_path / "img" / "0.png"),
+                        "--checkpoint", str(out)], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr == 'error: the checkpoint stores no labels: give --labels "cat,dog" or --labels-file FILE\n'
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), str(tmp_path / "img" / "0.png"),
+                        "--checkpoint", str(out), "--labels", "picture number 1,picture number 2"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "picture number" in p.stdout
 
 
 def test_csv_errors(tmp_path, capsys):

@@ -486,8 +486,8 @@ class Config:
 
 
 # The published OpenAI shapes, and the small model that train.py --tiny trains on a CPU. Its text
-# tower has 2 layers: on train.py's held-out color-shape pairs, 3 layers transferred worse (90.7% against
-# 95.8% zero-shot with seed 0), a third layer learning the seen color-shape pairs by heart.
+# tower has 2 layers. On train.py's held-out color-shape pairs (seed 0), 3 text layers with weight decay
+# 0.1 reached 90.7% zero-shot, 2 layers with 0.2 reached 95.8%, and 1 layer with 0.2 reached 94.8%.
 PRESETS = {
     "ViT-B/32": Config(),
     "ViT-B/16": Config(patch_size=16),

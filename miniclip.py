@@ -415,45 +415,61 @@ def l2_normalize_backward(dout, cache):
 MAX_LOGIT_SCALE = 100.0                                 # CLIP clips the temperature at 100
 
 
-def clip_loss_forward(img, txt, logit_scale):
+def clip_loss_forward(img, txt, logit_scale, rows=None):
     """
     The symmetric cross-entropy of CLIP. Pair i is (image i, text i); every other pairing in the batch
     is a negative.
-        s = exp(min(t, log 100))         t = logit_scale, stored as a log so it stays positive
-        logits = s * img @ txt^T         (N, N): cosine similarities, scaled
-        loss = ( CE(logits rows, labels = diag) + CE(logits columns, labels = diag) ) / 2
-    img, txt: (N, E), already L2-normalized   logit_scale: () array   ->   loss: float, cache
+        s = exp(min(t, log 100))            t = logit_scale, stored as a log so it stays positive
+        Z_i2t = s * img[rows] @ txt^T       (n, N): each image of `rows` against every text
+        Z_t2i = s * txt[rows] @ img^T       (n, N): each text of `rows` against every image
+        loss = ( CE(Z_i2t, labels = own pair) + CE(Z_t2i, labels = own pair) ) / 2, the mean of n rows
+    By default rows are the whole batch (n = N), which is the paper's loss, and Z_t2i = Z_i2t^T.
+    A row's cross-entropy needs only its own row of logits, so the loss splits exactly over any
+    partition of the rows: data-parallel training (train.py) gives each process its own n = N / K
+    rows of the gathered batch, and the mean of the K losses is the loss of the whole batch.
+    img, txt: (N, E), already L2-normalized   logit_scale: () array   rows: a slice   ->   loss: float, cache
     """
-    N = img.shape[0]
+    rows = slice(0, img.shape[0]) if rows is None else rows
     t = logit_scale
     clamped = bool(t > math.log(MAX_LOGIT_SCALE))
     s = MAX_LOGIT_SCALE if clamped else xp.exp(t)
-    logits = s * (img @ txt.T)                                          # (N, N)
-    p_i2t, _ = softmax_forward(logits)                                  # rows: image -> texts
-    p_t2i, _ = softmax_forward(logits.T)                                # rows: text -> images
-    diag = xp.arange(N)
-    loss = -(xp.log(p_i2t[diag, diag]).mean() + xp.log(p_t2i[diag, diag]).mean()) / 2
-    return float(loss), (img, txt, s, logits, p_i2t, p_t2i, clamped)
+    z_i2t = s * (img[rows] @ txt.T)                                     # (n, N)
+    z_t2i = s * (txt[rows] @ img.T)                                     # (n, N)
+    p_i2t, _ = softmax_forward(z_i2t)
+    p_t2i, _ = softmax_forward(z_t2i)
+    own = xp.arange(rows.start, rows.stop)                              # (n,): the column of each row's pair
+    local = xp.arange(len(own))
+    loss = -(xp.log(p_i2t[local, own]).mean() + xp.log(p_t2i[local, own]).mean()) / 2
+    return float(loss), (img, txt, rows, s, z_i2t, z_t2i, p_i2t, p_t2i, clamped)
 
 
 def clip_loss_backward(cache):
     """
     Derivation. For one row of logits z with target j, CE = -z_j + log sum_k exp(z_k), so
-    dCE/dz = softmax(z) - onehot(j). Averaging over N rows and then halving the two directions:
-        dlogits = ( (P_i2t - I) + (P_t2i - I)^T ) / (2N)
-    logits = s * img txt^T, so
-        dimg = s * dlogits @ txt,   dtxt = s * dlogits^T @ img
-    and since s = exp(t), ds/dt = s, giving dt = sum(dlogits * img txt^T) * s = sum(dlogits * logits).
-    When t is above log(100) the clamp holds s fixed at 100, and dt = 0.
-    Returns (dimg, dtxt, dlogit_scale).
+    dCE/dz = softmax(z) - onehot(j). Averaging over the n rows and halving the two directions:
+        dZ_i2t = (P_i2t - Y) / 2n,   dZ_t2i = (P_t2i - Y) / 2n      Y: (n, N), a 1 at each row's own pair
+    Every feature of the batch is a column of some logits, and the features of `rows` are also the
+    rows themselves, so both uses add up:
+        dimg = s * dZ_t2i^T @ txt[rows]        (N, E): as the columns of Z_t2i
+        dimg[rows] += s * dZ_i2t @ txt         (n, E): as the rows of Z_i2t
+    and the same with img and txt swapped. With rows = the whole batch this is the familiar
+    dimg = s * (dZ_i2t + dZ_t2i^T) @ txt. When the rows are one process's share of a gathered batch,
+    dimg reaches the other processes' features too: train.py sends those parts back to their owners.
+    Since s = exp(t), ds/dt = s, giving dt = sum(dZ * Z) over both directions. When t is above log(100)
+    the clamp holds s fixed at 100, and dt = 0.
+    Returns (dimg, dtxt, dlogit_scale), dimg and dtxt for the whole (N, E) batch.
     """
-    img, txt, s, logits, p_i2t, p_t2i, clamped = cache
-    N = img.shape[0]
-    eye = xp.eye(N, dtype=logits.dtype)
-    dlogits = ((p_i2t - eye) + (p_t2i - eye).T) / (2 * N)              # (N, N)
-    dimg = s * (dlogits @ txt)                                          # (N, E)
-    dtxt = s * (dlogits.T @ img)                                        # (N, E)
-    dt = xp.zeros((), dtype=logits.dtype) if clamped else (dlogits * logits).sum()
+    img, txt, rows, s, z_i2t, z_t2i, p_i2t, p_t2i, clamped = cache
+    n = z_i2t.shape[0]
+    y = xp.zeros_like(z_i2t)
+    y[xp.arange(n), xp.arange(rows.start, rows.stop)] = 1               # (n, N)
+    dz_i2t = (p_i2t - y) / (2 * n)
+    dz_t2i = (p_t2i - y) / (2 * n)
+    dimg = s * (dz_t2i.T @ txt[rows])                                   # (N, E)
+    dtxt = s * (dz_i2t.T @ img[rows])                                   # (N, E)
+    dimg[rows] += s * (dz_i2t @ txt)
+    dtxt[rows] += s * (dz_t2i @ img)
+    dt = xp.zeros((), dtype=z_i2t.dtype) if clamped else (dz_i2t * z_i2t).sum() + (dz_t2i * z_t2i).sum()
     return dimg, dtxt, dt
 
 
@@ -658,21 +674,37 @@ def encode_text(params, cfg, ids):
                            for i in range(0, len(ids), n)])
 
 
-def loss_and_grads(params, cfg, pixels, ids):
+def features_forward(params, cfg, pixels, ids):
     """
-    One forward and backward pass of CLIP over a batch of N (image, text) pairs.
-    pixels: (N, 3, S, S)   ids: (N, T)   ->   (loss: float, grads: a dict with every key of params)
+    Both encoders and the L2 normalization: everything before the loss.
+    pixels: (N, 3, S, S)   ids: (N, T)   ->   (img, txt): (N, E) each, unit rows, and the cache
     """
     img_feat, img_cache = encode_image_forward(params, cfg, pixels)     # (N, E)
     txt_feat, txt_cache = encode_text_forward(params, cfg, ids)         # (N, E)
     img, img_norm = l2_normalize_forward(img_feat)
     txt, txt_norm = l2_normalize_forward(txt_feat)
-    loss, loss_cache = clip_loss_forward(img, txt, params["logit_scale"])
+    return (img, txt), (img_cache, img_norm, txt_cache, txt_norm)
 
+
+def features_backward(dimg, dtxt, cache, params):
+    """features_forward read from the bottom up. Returns the gradient of every parameter but logit_scale."""
+    img_cache, img_norm, txt_cache, txt_norm = cache
     grads = {}
-    dimg, dtxt, grads["logit_scale"] = clip_loss_backward(loss_cache)
     encode_text_backward(l2_normalize_backward(dtxt, txt_norm), txt_cache, params, grads)
     encode_image_backward(l2_normalize_backward(dimg, img_norm), img_cache, params, grads)
+    return grads
+
+
+def loss_and_grads(params, cfg, pixels, ids):
+    """
+    One forward and backward pass of CLIP over a batch of N (image, text) pairs.
+    pixels: (N, 3, S, S)   ids: (N, T)   ->   (loss: float, grads: a dict with every key of params)
+    """
+    (img, txt), cache = features_forward(params, cfg, pixels, ids)
+    loss, loss_cache = clip_loss_forward(img, txt, params["logit_scale"])
+    dimg, dtxt, dt = clip_loss_backward(loss_cache)
+    grads = features_backward(dimg, dtxt, cache, params)
+    grads["logit_scale"] = dt
     return loss, grads
 
 

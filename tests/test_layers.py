@@ -161,6 +161,35 @@ def test_clip_loss(t):
         assert float(dt) == 0.0                         # the clamp holds the scale at 100
 
 
+@pytest.mark.parametrize("rows", [slice(0, 2), slice(2, 4), slice(4, 6)])
+def test_clip_loss_of_some_rows(rows):
+    """One data-parallel process's loss: its rows against the whole gathered batch, every gradient checked."""
+    rng = np.random.default_rng(4)
+    img = mc.l2_normalize_forward(rng.standard_normal((6, 4)))[0]
+    txt = mc.l2_normalize_forward(rng.standard_normal((6, 4)))[0]
+    scale = np.array(math.log(1 / 0.07))
+    loss, cache = mc.clip_loss_forward(img, txt, scale, rows)
+    dimg, dtxt, dt = mc.clip_loss_backward(cache)
+    assert dimg.shape == dtxt.shape == (6, 4)
+    f = lambda: mc.clip_loss_forward(img, txt, scale, rows)[0]
+    for analytic, x in ((dimg, img), (dtxt, txt), (dt, scale)):
+        err = rel_error(np.reshape(analytic, -1), numerical_grad(f, x))
+        assert err < TOL, f"relative error {err:.2e}"
+
+
+def test_clip_loss_splits_over_rows():
+    """The mean of the losses of 3 equal row blocks, and of their gradients, is the whole batch's."""
+    rng = np.random.default_rng(5)
+    img = mc.l2_normalize_forward(rng.standard_normal((6, 4)))[0]
+    txt = mc.l2_normalize_forward(rng.standard_normal((6, 4)))[0]
+    scale = np.array(2.0)
+    whole = mc.clip_loss_forward(img, txt, scale)
+    parts = [mc.clip_loss_forward(img, txt, scale, slice(i, i + 2)) for i in (0, 2, 4)]
+    assert abs(np.mean([p[0] for p in parts]) - whole[0]) < 1e-14
+    for g_whole, *g_parts in zip(mc.clip_loss_backward(whole[1]), *(mc.clip_loss_backward(p[1]) for p in parts)):
+        assert np.abs(np.mean(g_parts, axis=0) - g_whole).max() < 1e-14
+
+
 def test_clip_loss_by_hand():
     """Two pairs, orthogonal features, scale 1: each row's CE is log(1 + e^-1) (target logit 1, other 0)."""
     img = txt = np.eye(2)

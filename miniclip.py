@@ -818,12 +818,12 @@ def load_checkpoint(path):
         head = json.loads(arrays.pop(META_KEY).tobytes().decode())
         if head.get("format") != "miniclip" or head.get("version") != FORMAT_VERSION:
             raise ValueError(f"not a miniclip checkpoint of format version {FORMAT_VERSION}")
-        cfg, names, meta = Config.from_dict(head["config"]), set(head["params"]), head["meta"]
+        cfg, names, meta = Config.from_dict(head["config"]), list(head["params"]), head["meta"]
     except (AttributeError, KeyError, TypeError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path}: bad checkpoint metadata ({e})") from None
-    params = {k: arrays[k] for k in names if k in arrays}
+    params = {k: arrays[k] for k in names if k in arrays}               # in the order they were saved
     check_params(params, cfg, path)
-    return params, cfg, meta, {k: v for k, v in arrays.items() if k not in names}
+    return params, cfg, meta, {k: v for k, v in arrays.items() if k not in params}
 
 
 def check_params(params, cfg, source):

@@ -23,12 +23,30 @@ import os
 import signal
 import sys
 import time
+import traceback
+import zlib
+
+# Under an MPI launcher the processes on one machine share its cores. Unless the user chose, give each
+# its share of BLAS threads, as torchrun does: with more threads than cores, OpenBLAS's busy-waiting
+# threads fight, and a data-parallel step of --tiny ran 12x slower. This must happen before NumPy loads.
+LOCAL_PROCESSES = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+if LOCAL_PROCESSES and not any(k in os.environ for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // int(LOCAL_PROCESSES)))
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 import bpe
 import miniclip as mc
+
+
+class UserError(Exception):
+    """A problem with the user's input or files: printed as one line, exit status 1."""
+
+
+class GroupError(UserError):
+    """A UserError raised on every process of a data-parallel run at once (as on the only one of a plain run)."""
+
 
 # -----------------------------------------------------------------------------
 # The generated shapes data set
@@ -187,14 +205,18 @@ def read_csv(path, img_key, caption_key, separator, side, skip_bad):
     return Data(np.stack(images), captions, list(captions))
 
 
-def batch_pixels(images, rng, size):
-    """Crop a size x size square from each image: at random with rng, centered when rng is None."""
+def batch_pixels(images, rng, size, shard=slice(None)):
+    """
+    Crop a size x size square from each image: at random with rng, centered when rng is None. Only
+    the images of `shard` are cropped, but the random offsets are drawn for all of them, so the
+    processes of a data-parallel run, each cropping its own shard, draw the same numbers and stay in step.
+    """
     n, L = images.shape[0], images.shape[1]
     if rng is None:
         o = (L - size) // 2
-        return mc.normalize(images[:, o:o + size, o:o + size])
+        return mc.normalize(images[shard, o:o + size, o:o + size])
     ys, xs = rng.integers(0, L - size + 1, n), rng.integers(0, L - size + 1, n)
-    return mc.normalize(np.stack([im[y:y + size, x:x + size] for im, y, x in zip(images, ys, xs)]))
+    return mc.normalize(np.stack([im[y:y + size, x:x + size] for im, y, x in zip(images[shard], ys[shard], xs[shard])]))
 
 
 def trim(ids):
@@ -243,6 +265,140 @@ def evaluate(params, cfg, tok, data, labels, templates):
 
 
 # -----------------------------------------------------------------------------
+# Data-parallel training on MPI
+#
+# `mpirun -n K python train.py ...` starts K copies of this script, which share every global batch of
+# N pairs: each process encodes its own n = N / K of them. The loss must still contrast each image with
+# all N texts, since a bigger batch means more negatives and that is what CLIP's batch size buys. So the
+# processes all-gather their normalized features, and each computes the loss rows of its own pairs
+# against the whole batch (clip_loss_forward with rows): open_clip's "local loss with gathered
+# features". Each row of the loss needs only its own row of logits, so this is exact.
+#
+# The gradient, derived. Let f_j be the normalized features (image and text) of pair j, and L_r the loss
+# of process r's rows, so the loss of the batch is L = (1/K) sum_r L_r. L_r depends on its own f_j as
+# rows of logits, and on all N of them as columns, so for every pair j
+#     dL/df_j = (1/K) sum_r dL_r/df_j
+# Process r can compute dL_r/df for all N pairs (clip_loss_backward returns (N, E)). Summing these over
+# the processes and handing each its own n rows is one reduce-scatter. The common mistake is to treat
+# the gathered features as constants, keeping only process r's terms for its own pairs: that drops every
+# gradient a feature gets as a negative in another process's rows, (K - 1) / K of its negatives.
+# Each process then backpropagates its n rows through its encoders, which gives
+#     g_r = sum_{j in r} (df_j/dtheta)^T sum_q dL_q/df_j
+# and the gradient of L is (1/K) sum_r g_r: an all-reduce, averaged. logit_scale enters every L_r
+# directly, and its gradient is averaged with the rest.
+
+# Set by the launchers: MPICH's mpirun (PMI_SIZE), Open MPI's (OMPI_COMM_WORLD_SIZE), and Slurm's srun
+# (PMI_SIZE or PMIX_RANK). Without one of them, train.py runs as one process and never imports mpi4py.
+LAUNCHER_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+
+
+class MPIGroup:
+    """
+    The K processes of one data-parallel run (mpi4py's COMM_WORLD) and the collectives training uses.
+    On a GPU, arrays go through host memory unless device_arrays is set, for an MPI that reads GPU
+    memory itself (a CUDA-aware build).
+    """
+
+    def __init__(self, MPI, device_arrays=False):
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.rank, self.size = self.comm.rank, self.comm.size
+        self.device_arrays = device_arrays
+
+    def _out(self, x):
+        """x as the kind of buffer MPI is handed, contiguous."""
+        if not self.device_arrays:
+            return np.ascontiguousarray(mc.to_numpy(x))
+        if mc.xp is not np:
+            mc.xp.cuda.get_current_stream().synchronize()   # MPI must not read memory a kernel is still writing
+        return mc.xp.ascontiguousarray(x)
+
+    def _empty(self, shape, dtype):
+        return (mc.xp if self.device_arrays else np).empty(shape, dtype)
+
+    def allgather(self, x):
+        """(n, ...) on every process -> (K n, ...) on every process, in rank order."""
+        x = self._out(x)
+        out = self._empty((self.size * x.shape[0],) + x.shape[1:], x.dtype)
+        self.comm.Allgather(x, out)
+        return mc.to_device(out)
+
+    def reduce_scatter(self, x):
+        """(K n, ...) on every process -> this process's n rows of the sum over processes."""
+        x = self._out(x)
+        out = self._empty((x.shape[0] // self.size,) + x.shape[1:], x.dtype)
+        self.comm.Reduce_scatter_block(x, out, op=self.MPI.SUM)
+        return mc.to_device(out)
+
+    def mean(self, arrays):
+        """A dict of arrays averaged over the processes, in one all-reduce of one flat buffer."""
+        flat = self._out(mc.xp.concatenate([a.reshape(-1) for a in arrays.values()]))
+        self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
+        flat = mc.to_device(flat) / self.size
+        out, at = {}, 0
+        for k, a in arrays.items():
+            out[k] = flat[at:at + a.size].reshape(a.shape)
+            at += a.size
+        return out
+
+    def any(self, flag):
+        """True on every process if it is true on any."""
+        return self.comm.allreduce(bool(flag), op=self.MPI.LOR)
+
+    def agree(self, fn):
+        """
+        Run fn() on every process. If it raises a user's error on any, every process raises, so none
+        waits forever for the others, and the first process's message is the one reported.
+        """
+        try:
+            result, message = fn(), None
+        except (UserError, ValueError) as e:
+            result, message = None, str(e)
+        failed = [(r, m) for r, m in enumerate(self.comm.allgather(message)) if m is not None]
+        if failed:
+            r, m = failed[0]
+            raise GroupError(m if r == 0 else f"process {r}: {m}")
+        return result
+
+
+def launcher_rank():
+    """This process's number as the MPI launcher gave it, before MPI starts (0 without a launcher)."""
+    return int(os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMIX_RANK") or 0)
+
+
+def mpi_group():
+    """The data-parallel group when an MPI launcher started more than one process, else None."""
+    if not any(k in os.environ for k in LAUNCHER_VARS):
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise GroupError("an MPI launcher started this, but mpi4py is not installed: "
+                        "pip install -r requirements-dist.txt") from None
+    if MPI.COMM_WORLD.size == 1:
+        return None
+    return MPIGroup(MPI, device_arrays=os.environ.get("MINICLIP_CUDA_AWARE_MPI") == "1")
+
+
+def data_parallel_loss_and_grads(params, cfg, pixels, ids, group):
+    """
+    mc.loss_and_grads for a global batch spread over the processes of `group`: pixels and ids are
+    this process's n pairs, rank r holding pairs r n ... (r + 1) n - 1 of the batch. Returns the loss
+    and gradients of the whole batch of K n pairs, the same on every process.
+    """
+    (img, txt), cache = mc.features_forward(params, cfg, pixels, ids)   # (n, E) each
+    n, E = img.shape
+    both = group.allgather(mc.xp.concatenate([img, txt], axis=1))      # (N, 2E): both in one message
+    mine = slice(group.rank * n, (group.rank + 1) * n)
+    loss, loss_cache = mc.clip_loss_forward(both[:, :E], both[:, E:], params["logit_scale"], mine)
+    dimg, dtxt, dt = mc.clip_loss_backward(loss_cache)                 # (N, E) each: dL_r/df of every pair
+    d = group.reduce_scatter(mc.xp.concatenate([dimg, dtxt], axis=1))  # (n, 2E): sum_q dL_q/df, own pairs
+    grads = mc.features_backward(d[:, :E], d[:, E:], cache, params)    # g_r
+    grads["logit_scale"] = dt
+    grads = group.mean({"loss": mc.xp.asarray(loss, dtype=dt.dtype), **grads})
+    return float(grads.pop("loss")), grads
+
+
+# -----------------------------------------------------------------------------
 # The run
 
 
@@ -266,10 +422,6 @@ def lr_at(step, tc):
         return tc.lr * (step + 1) / tc.warmup
     progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
     return 0.5 * tc.lr * (1 + math.cos(math.pi * progress))
-
-
-class UserError(Exception):
-    """A problem with the user's input or files: printed as one line, exit status 1."""
 
 
 def build_data(args, cfg, tc):
@@ -357,7 +509,7 @@ def setup(args):
     for k in DATA_ARGS:                                 # the data of the interrupted run
         setattr(args, k, meta["data_args"][k])
     train_set, val, labels, templates, held = build_data(args, cfg, tc)
-    params = mc.to_device({k: v.astype(np.float32) for k, v in params.items()})
+    params = mc.to_device(params)
     opt = mc.AdamW(params, weight_decay=tc.weight_decay)
     opt.m = mc.to_device({k: extra[f"adam.m.{k}"] for k in params})
     opt.v = mc.to_device({k: extra[f"adam.v.{k}"] for k in params})
@@ -370,35 +522,63 @@ def setup(args):
                 rng=rng, order=np.array(meta["order"]), cursor=meta["cursor"])
 
 
-def train(args):
+def train(args, group=None):
+    """Train; with a group, as one of its processes. Returns the exit status."""
     if args.device:
         mc.set_device(args.device)
+    if group is not None and mc.xp is not np:           # one GPU per process, taken in turn on each machine
+        local_rank = group.comm.Split_type(group.MPI.COMM_TYPE_SHARED).rank
+        mc.xp.cuda.Device(local_rank % mc.xp.cuda.runtime.getDeviceCount()).use()
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        return train_loop(args, setup(args))
+        if group is None:
+            return train_loop(args, setup(args))
+        run = group.agree(lambda: setup(args))
+        check_same_start(run, group)
+        return train_loop(args, run, group)
     finally:
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
 
 
-def train_loop(args, run):
+def check_same_start(run, group):
+    """Every process of a data-parallel run must start from the same weights, step and data."""
+    data = zlib.crc32(run["train_set"].images) ^ zlib.crc32("\n".join(run["train_set"].captions).encode())
+    start = (run["step"], data, sum(float(abs(run["params"][k]).sum()) for k in sorted(run["params"])))
+    if len(set(group.comm.allgather(start))) > 1:
+        raise GroupError("the processes start from different weights, steps or data: every machine must "
+                         "run the same code on the same files")
+
+
+def train_loop(args, run, group=None):
     tc, cfg, params, opt, rng, train_set, val = (run[k] for k in ("tc", "cfg", "params", "opt", "rng", "train_set", "val"))
+    K, rank = (group.size, group.rank) if group else (1, 0)
+    if tc.batch_size % K:
+        raise GroupError(f"the batch of {tc.batch_size} does not split evenly over {K} processes")
+    shard = slice(rank * tc.batch_size // K, (rank + 1) * tc.batch_size // K)
+    lead = rank == 0                                    # only process 0 prints, evaluates and saves
     ids = run["tok"].tokenize(train_set.captions, cfg.context_length, truncate=True)
     n_params = sum(int(np.prod(v.shape)) for v in params.values())
     print(f"model: {n_params / 1e6:.2f}M parameters, {cfg}")
-    out = args.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    metrics = open(os.path.splitext(out)[0] + ".metrics.jsonl", "a" if args.resume else "w")
+    if group:
+        print(f"data-parallel: {K} processes, {tc.batch_size // K} pairs each of every batch of {tc.batch_size}")
+    out = args.out or args.resume or "checkpoints/tiny.npz"
+    if lead:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        metrics = open(os.path.splitext(out)[0] + ".metrics.jsonl", "a" if args.resume else "w")
 
     def log(record):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if lead:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
 
     def save():
-        save_checkpoint(out, run, {k: getattr(args, k) for k in DATA_ARGS})
+        if lead:
+            save_checkpoint(out, run, {k: getattr(args, k) for k in DATA_ARGS})
 
     # Ctrl-C or SIGTERM ends the run after the step in progress, so the saved state is consistent.
-    # A second Ctrl-C stops at once, without saving (main() reports it).
+    # A second Ctrl-C stops at once, without saving (main() reports it). In a data-parallel run the
+    # processes agree after each step, so they stop together even if only one got the signal.
     stop = []
 
     def request_stop(signum, frame):
@@ -410,22 +590,28 @@ def train_loop(args, run):
     stop_at = min(tc.steps, args.stop_at or tc.steps)
     n = len(train_set.captions)
     t_start, seen, t_log = time.time(), 0, time.time()
-    while run["step"] < stop_at and not stop:
+    stopping = False
+    while run["step"] < stop_at and not stopping:
         if run["cursor"] + tc.batch_size > n:           # a new epoch: a new order
             run["order"], run["cursor"] = rng.permutation(n), 0
-        idx = run["order"][run["cursor"]:run["cursor"] + tc.batch_size]
+        idx = run["order"][run["cursor"]:run["cursor"] + tc.batch_size]  # the batch, the same on every process
         run["cursor"] += tc.batch_size
-        pixels = mc.to_device(batch_pixels(train_set.images[idx], rng, cfg.image_size))
+        pixels = mc.to_device(batch_pixels(train_set.images[idx], rng, cfg.image_size, shard))
+        batch_ids = mc.to_device(trim(ids[idx[shard]]))
         with np.errstate(all="ignore"):                 # a non-finite loss is reported just below
-            loss, grads = mc.loss_and_grads(params, cfg, pixels, mc.to_device(trim(ids[idx])))
-        if not math.isfinite(loss):
-            raise UserError(f"the loss became {loss} at step {run['step'] + 1}; stopping. The last good checkpoint "
-                            f"is {out if os.path.exists(out) else '(none saved yet)'}; try a lower --lr")
+            if group:
+                loss, grads = data_parallel_loss_and_grads(params, cfg, pixels, batch_ids, group)
+            else:
+                loss, grads = mc.loss_and_grads(params, cfg, pixels, batch_ids)
+        if not math.isfinite(loss):                     # the loss is the batch's, so every process stops here
+            raise GroupError(f"the loss became {loss} at step {run['step'] + 1}; stopping. The last good checkpoint "
+                             f"is {out if os.path.exists(out) else '(none saved yet)'}; try a lower --lr")
         lr = lr_at(run["step"], tc)
         opt.step(params, grads, lr)
         run["step"] += 1
         step = run["step"]
         seen += len(idx)
+        stopping = group.any(stop) if group else bool(stop)
         if step % tc.log_every == 0 or step == stop_at:
             now = time.time()
             rate = seen / (now - t_log)
@@ -436,20 +622,20 @@ def train_loop(args, run):
             log({"step": step, "loss": loss, "lr": lr, "logit_scale": scale, "img_per_s": rate})
             seen, t_log = 0, now
         if step % tc.eval_every == 0 or step == tc.steps:
-            if val is not None:
+            if val is not None and lead:
                 m = evaluate(params, cfg, run["tok"], val, run["labels"], run["templates"])
                 print(f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
                 log({"step": step, "eval": m})
             save()
-    if stop:
-        print(f"interrupted ({stop[0]}) at step {run['step']}")
+    if stopping:
+        print(f"interrupted ({stop[0] if stop else 'a signal to another process'}) at step {run['step']}")
     if run["step"] % tc.eval_every and run["step"] != tc.steps:
         save()
     print(f"saved {out} at step {run['step']} ({time.time() - t_start:.0f}s of training)")
     if run["step"] < tc.steps:
         print(f"resume with: python train.py --resume {out}")
-        return 130 if stop else 0
-    if run["held"]:
+        return 130 if stopping else 0
+    if run["held"] and lead:
         samples = save_samples(os.path.join(os.path.dirname(out), "samples"), val, run["held"], cfg.image_size)
         print(f"held-out samples: {' '.join(samples)}")
         print(f"try: python zeroshot.py {samples[0]}")
@@ -488,7 +674,7 @@ def parse_args(argv=None):
         o.add_argument("--" + f.name.replace("_", "-"), type=f.type, help=f"default {f.default}")
     o.add_argument("--device", choices=["cpu", "gpu"], help="default: $MINICLIP_DEVICE or cpu")
     c = p.add_argument_group("checkpoints")
-    c.add_argument("--out", default="checkpoints/tiny.npz", help="checkpoint path (default: checkpoints/tiny.npz)")
+    c.add_argument("--out", help="checkpoint path (default: the --resume file, else checkpoints/tiny.npz)")
     c.add_argument("--resume", help="continue the run saved in this checkpoint")
     c.add_argument("--stop-at", type=int, help="save and stop after this step (the run can be resumed)")
     return p.parse_args(argv)
@@ -496,14 +682,29 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    group = None
     try:
-        return train(args)
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        group = mpi_group()
+        if group and group.rank:
+            sys.stdout = open(os.devnull, "w")          # only process 0 prints
+        return train(args, group)
+    except GroupError as e:                             # every process raised it: process 0 reports it
+        if (group.rank if group else launcher_rank()) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (UserError, ValueError, OSError) as e:      # OSError: a checkpoint or log that cannot be written
+        print(f"error: {e}" if group is None else f"error on process {group.rank}: {e}", file=sys.stderr)
+        if group:
+            group.comm.Abort(1)                         # the others may be waiting for this one: end them all
         return 1
     except KeyboardInterrupt:
         print("interrupted twice: stopped without saving; the last checkpoint is as it was", file=sys.stderr)
         return 130
+    except Exception:
+        if group:                                       # a bug, perhaps on this process only
+            traceback.print_exc()
+            group.comm.Abort(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import zlib
 
 # Under an MPI launcher the processes on one machine share its cores. Unless the user chose, give each
 # its share of BLAS threads, as torchrun does: with more threads than cores, OpenBLAS's busy-waiting
-# threads fight, and a data-parallel step of --tiny ran 12x slower. This must happen before NumPy loads.
+# threads fight, and a data-parallel step of --tiny ran 3 to 12 times slower. This must happen before
+# NumPy loads.
 LOCAL_PROCESSES = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
 if LOCAL_PROCESSES and not any(k in os.environ for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
     os.environ["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // int(LOCAL_PROCESSES)))

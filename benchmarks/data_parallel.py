@@ -9,7 +9,8 @@ and the same local loss), on the same machine, weights and inputs, in one run.
 Needs requirements-dev.txt and requirements-dist.txt. Every configuration is started by mpiexec (one
 process runs without it) with the machine's cores split evenly: one process gets all of them as BLAS
 threads, two get half each, as train.py arranges. One step is forward, backward, the collectives and
-AdamW on a global batch; times are process 0's medians after one warm-up, with a barrier before each.
+AdamW on a global batch; times are process 0's medians after one warm-up, with a barrier before each,
+and for the tiny model the median of three rounds taken in turn.
 For miniclip the step is also split: the time inside the three collectives includes waiting for the
 slower process.
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,10 +147,15 @@ def main():
         for case in ("tiny",) if args.quick else ("tiny", "b32"):
             folder = os.path.join(d, case)
             make_folder(CASES[case][0], folder)
-            repeats = 30 if case == "tiny" else 3
+            repeats, rounds = (10, 3) if case == "tiny" else (3, 1)
             name = f"{'tiny' if case == 'tiny' else 'ViT-B/32'}, {CASES[case][1]} pairs"
-            one = {fw: run(fw, case, folder, 1, CORES, repeats) for fw in ("miniclip", "torch")}
-            two = {fw: run(fw, case, folder, 2, CORES // 2, repeats) for fw in ("miniclip", "torch")}
+            # The four configurations take turns, and each reports the median of its rounds, so a drift
+            # in the machine's speed lands on all of them alike.
+            runs = [{(fw, k): run(fw, case, folder, k, CORES // k, repeats) for k in (1, 2) for fw in ("miniclip", "torch")}
+                    for _ in range(rounds)]
+            median = lambda fw, k: {m: statistics.median(r[fw, k][m] for r in runs) for m in runs[0][fw, k]}
+            one = {fw: median(fw, 1) for fw in ("miniclip", "torch")}
+            two = {fw: median(fw, 2) for fw in ("miniclip", "torch")}
             for label, r in ((f"1 x {CORES}", one), (f"2 x {CORES // 2}", two)):
                 share = f"{r['miniclip']['collectives'] / r['miniclip']['seconds']:.0%}" if r is two else ""
                 print(f"| {name} | {label} | {r['miniclip']['seconds']:.3f} | {r['torch']['seconds']:.3f} "

@@ -42,7 +42,8 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"{MISSING} (pip ins
 def mpirun(k, *args, cwd=None):
     """Run args under `mpiexec -n k` (k = 1: as a plain process, with no launcher at all)."""
     cmd = [sys.executable, *args] if k == 1 else [MPIEXEC, "-n", str(k), sys.executable, *args]
-    env = {key: v for key, v in os.environ.items() if key not in ("OMP_NUM_THREADS", "PMI_SIZE", "PMI_RANK")}
+    launcher = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "OMP_NUM_THREADS")    # pytest itself may run under one
+    env = {key: v for key, v in os.environ.items() if not key.startswith(launcher)}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -565,8 +565,11 @@ def train_loop(args, run, group=None):
         print(f"data-parallel: {K} processes, {tc.batch_size // K} pairs each of every batch of {tc.batch_size}")
     out = args.out or args.resume or "checkpoints/tiny.npz"
     if lead:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        metrics = open(os.path.splitext(out)[0] + ".metrics.jsonl", "a" if args.resume else "w")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            metrics = open(os.path.splitext(out)[0] + ".metrics.jsonl", "a" if args.resume else "w")
+        except OSError as e:
+            raise UserError(f"cannot write beside {out}: {e.strerror} ({e.filename})") from None
 
     def log(record):
         if lead:

@@ -167,6 +167,20 @@ def test_csv_errors(tmp_path, capsys):
     assert "no column 'filepath'; the columns are ['image', 'caption']" in capsys.readouterr().err
 
 
+def test_an_unwritable_out_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert train.main(["--tiny", *SMALL, "--steps", "1", "--out", str(tmp_path / "file" / "c.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot write beside {tmp_path / 'file' / 'c.npz'}: ")
+
+
+def test_resume_saves_back_into_the_file_it_resumed(tmp_path):
+    out = str(tmp_path / "c.npz")
+    assert train.main(["--tiny", *SMALL, "--steps", "2", "--stop-at", "1", "--out", out]) == 0
+    assert train.main(["--resume", out]) == 0
+    assert mc.load_checkpoint(out)[2]["step"] == 2
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
     out = tmp_path / "t.npz"
     assert train.main(["--tiny", "--steps", "2", *SMALL, "--out", str(out)]) == 0

@@ -23,6 +23,7 @@ import math
 import os
 import struct
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy
 
@@ -191,6 +192,12 @@ def softmax_backward(dout, y):
     return y * (dout - (dout * y).sum(axis=-1, keepdims=True))
 
 
+def log_softmax(x):
+    """log softmax(x) over the last axis, as x - max - log sum exp(x - max): finite where softmax underflows."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, causal):
     """
     Multi-head self-attention as torch.nn.MultiheadAttention computes it, with q, k and v projected by
@@ -284,27 +291,46 @@ def block_backward(dout, cache):
     return dx + dh, g
 
 
-def transformer_forward(x, params, prefix, n_layers, n_heads, causal, eps, keep_cache=True):
+class Recompute(NamedTuple):
+    """What a checkpointed block keeps for its backward: its input and how to run it again."""
+    x: object
+    n_heads: int
+    causal: bool
+    eps: float
+
+
+def transformer_forward(x, params, prefix, n_layers, n_heads, causal, eps, keep_cache=True, checkpoint=False):
     """
     n_layers blocks in a row; block i reads the keys f"{prefix}resblocks.{i}.*". x: (N, T, D).
     Without keep_cache (inference), each block's activations are freed as soon as the next block has
     run, so memory holds one layer's activations instead of all of them.
+    With checkpoint (gradient checkpointing), each block keeps only its input x, (N, T, D), instead of
+    its ~14 activations of up to (N, T, 4D) and (N, H, T, T), and the backward runs the block's forward
+    again just before differentiating it: one more forward pass of compute for a fraction of the memory.
     """
     caches = []
     for i in range(n_layers):
         bp = f"{prefix}resblocks.{i}."
+        block_in = x
         x, c = block_forward(x, {k: params[bp + k] for k in BLOCK_KEYS}, n_heads, causal, eps)
-        if keep_cache:
+        if checkpoint:
+            caches.append(Recompute(block_in, n_heads, causal, eps))
+        elif keep_cache:
             caches.append(c)
     return x, caches
 
 
-def transformer_backward(dout, caches, prefix, grads):
+def transformer_backward(dout, caches, prefix, params, grads):
     """The blocks in reverse order; their gradients go into `grads` under their full names."""
     for i in reversed(range(len(caches))):
-        dout, g = block_backward(dout, caches[i])
+        bp = f"{prefix}resblocks.{i}."
+        cache = caches[i]
+        if isinstance(cache, Recompute):                # checkpointed: rebuild this block's cache now
+            _, cache = block_forward(cache.x, {k: params[bp + k] for k in BLOCK_KEYS}, cache.n_heads,
+                                     cache.causal, cache.eps)
+        dout, g = block_backward(dout, cache)
         for k, v in g.items():
-            grads[f"{prefix}resblocks.{i}.{k}"] = v
+            grads[bp + k] = v
     return dout
 
 
@@ -415,11 +441,29 @@ def l2_normalize_backward(dout, cache):
 MAX_LOGIT_SCALE = 100.0                                 # CLIP clips the temperature at 100
 
 
+def clamp_logit_scale(params):
+    """
+    Hold the learned temperature in CLIP's range after an optimizer step: the paper clips the logit
+    scale "to prevent scaling the logits by more than 100" (section 2.5), and open_clip does it by
+    clamping the parameter into [0, log 100] after every step (open_clip_train/train.py,
+    `logit_scale.clamp_(0, math.log(100))`). Clamping the parameter, not the scale inside the loss,
+    keeps the loss's gradient honest: a clamp in the loss would zero dL/dt while Adam's momentum kept
+    pushing t further above the cap.
+    """
+    t = params["logit_scale"]
+    t[...] = xp.clip(t, 0.0, math.log(MAX_LOGIT_SCALE))
+
+
+def logit_scale_value(params):
+    """The multiplier s = exp(t) as a float, capped at 100 for weights saved by code that did not clamp."""
+    return min(math.exp(float(params["logit_scale"])), MAX_LOGIT_SCALE)
+
+
 def clip_loss_forward(img, txt, logit_scale, rows=None):
     """
     The symmetric cross-entropy of CLIP. Pair i is (image i, text i); every other pairing in the batch
     is a negative.
-        s = exp(min(t, log 100))            t = logit_scale, stored as a log so it stays positive
+        s = exp(t)                          t = logit_scale, stored as a log so it stays positive
         Z_i2t = s * img[rows] @ txt^T       (n, N): each image of `rows` against every text
         Z_t2i = s * txt[rows] @ img^T       (n, N): each text of `rows` against every image
         loss = ( CE(Z_i2t, labels = own pair) + CE(Z_t2i, labels = own pair) ) / 2, the mean of n rows
@@ -427,20 +471,20 @@ def clip_loss_forward(img, txt, logit_scale, rows=None):
     A row's cross-entropy needs only its own row of logits, so the loss splits exactly over any
     partition of the rows: data-parallel training (train.py) gives each process its own n = N / K
     rows of the gathered batch, and the mean of the K losses is the loss of the whole batch.
+    The log of each probability is taken as z_own - logsumexp(z), not as log(softmax(z)): at s = 100,
+    where published checkpoints sit, a pair whose own similarity is ~1.04 below a negative's (a logit
+    ~104 lower) has a softmax that underflows to 0 in float32, and its log would be -inf.
     img, txt: (N, E), already L2-normalized   logit_scale: () array   rows: a slice   ->   loss: float, cache
     """
     rows = slice(0, img.shape[0]) if rows is None else rows
-    t = logit_scale
-    clamped = bool(t > math.log(MAX_LOGIT_SCALE))
-    s = MAX_LOGIT_SCALE if clamped else xp.exp(t)
+    s = xp.exp(logit_scale)
     z_i2t = s * (img[rows] @ txt.T)                                     # (n, N)
     z_t2i = s * (txt[rows] @ img.T)                                     # (n, N)
-    p_i2t, _ = softmax_forward(z_i2t)
-    p_t2i, _ = softmax_forward(z_t2i)
+    logp_i2t, logp_t2i = log_softmax(z_i2t), log_softmax(z_t2i)         # (n, N) each
     own = xp.arange(rows.start, rows.stop)                              # (n,): the column of each row's pair
     local = xp.arange(len(own))
-    loss = -(xp.log(p_i2t[local, own]).mean() + xp.log(p_t2i[local, own]).mean()) / 2
-    return float(loss), (img, txt, rows, s, z_i2t, z_t2i, p_i2t, p_t2i, clamped)
+    loss = -(logp_i2t[local, own].mean() + logp_t2i[local, own].mean()) / 2
+    return float(loss), (img, txt, rows, s, z_i2t, z_t2i, xp.exp(logp_i2t), xp.exp(logp_t2i))
 
 
 def clip_loss_backward(cache):
@@ -455,11 +499,10 @@ def clip_loss_backward(cache):
     and the same with img and txt swapped. With rows = the whole batch this is the familiar
     dimg = s * (dZ_i2t + dZ_t2i^T) @ txt. When the rows are one process's share of a gathered batch,
     dimg reaches the other processes' features too: train.py sends those parts back to their owners.
-    Since s = exp(t), ds/dt = s, giving dt = sum(dZ * Z) over both directions. When t is above log(100)
-    the clamp holds s fixed at 100, and dt = 0.
+    Since s = exp(t), ds/dt = s, giving dt = sum(dZ * Z) over both directions.
     Returns (dimg, dtxt, dlogit_scale), dimg and dtxt for the whole (N, E) batch.
     """
-    img, txt, rows, s, z_i2t, z_t2i, p_i2t, p_t2i, clamped = cache
+    img, txt, rows, s, z_i2t, z_t2i, p_i2t, p_t2i = cache
     n = z_i2t.shape[0]
     y = xp.zeros_like(z_i2t)
     y[xp.arange(n), xp.arange(rows.start, rows.stop)] = 1               # (n, N)
@@ -469,7 +512,7 @@ def clip_loss_backward(cache):
     dtxt = s * (dz_i2t.T @ img[rows])                                   # (N, E)
     dimg[rows] += s * (dz_i2t @ txt)
     dtxt[rows] += s * (dz_t2i @ img)
-    dt = xp.zeros((), dtype=z_i2t.dtype) if clamped else (dz_i2t * z_i2t).sum() + (dz_t2i * z_t2i).sum()
+    dt = (dz_i2t * z_i2t).sum() + (dz_t2i * z_t2i).sum()
     return dimg, dtxt, dt
 
 
@@ -594,7 +637,7 @@ def init_params(cfg, seed=0, dtype=numpy.float32):
 # The two encoders and the model
 
 
-def encode_image_forward(params, cfg, pixels, keep_cache=True):
+def encode_image_forward(params, cfg, pixels, keep_cache=True, checkpoint=False):
     """
     The Vision Transformer.
     pixels: (N, 3, S, S), normalized   ->   features: (N, E), projected and not normalized
@@ -605,7 +648,7 @@ def encode_image_forward(params, cfg, pixels, keep_cache=True):
                                  params["visual.class_embedding"], params["visual.positional_embedding"])
     x, ln_pre = layernorm_forward(x, params["visual.ln_pre.weight"], params["visual.ln_pre.bias"], eps)
     x, blocks = transformer_forward(x, params, "visual.transformer.", cfg.vision_layers,
-                                    cfg.vision_heads, False, eps, keep_cache)  # (N, 1+G*G, Dv)
+                                    cfg.vision_heads, False, eps, keep_cache, checkpoint)  # (N, 1+G*G, Dv)
     cls = x[:, 0]                                                       # (N, Dv): the class token
     cls, ln_post = layernorm_forward(cls, params["visual.ln_post.weight"], params["visual.ln_post.bias"], eps)
     feat = cls @ params["visual.proj"]                                  # (N, E)
@@ -620,13 +663,13 @@ def encode_image_backward(dfeat, cache, params, grads):
     dcls, grads["visual.ln_post.weight"], grads["visual.ln_post.bias"] = layernorm_backward(dcls, ln_post)
     dx = xp.zeros(x_shape, dtype=dcls.dtype)
     dx[:, 0] = dcls
-    dx = transformer_backward(dx, blocks, "visual.transformer.", grads)
+    dx = transformer_backward(dx, blocks, "visual.transformer.", params, grads)
     dx, grads["visual.ln_pre.weight"], grads["visual.ln_pre.bias"] = layernorm_backward(dx, ln_pre)
     grads["visual.conv1.weight"], grads["visual.class_embedding"], grads["visual.positional_embedding"] = \
         embed_image_backward(dx, emb)
 
 
-def encode_text_forward(params, cfg, ids, keep_cache=True):
+def encode_text_forward(params, cfg, ids, keep_cache=True, checkpoint=False):
     """
     The causal text transformer, pooled at the end-of-text token.
     ids: (N, T) int, T <= context_length   ->   features: (N, E), projected and not normalized
@@ -636,7 +679,7 @@ def encode_text_forward(params, cfg, ids, keep_cache=True):
     eps = cfg.layer_norm_eps
     x, emb = embed_tokens_forward(ids, params["token_embedding.weight"], params["positional_embedding"])
     x, blocks = transformer_forward(x, params, "transformer.", cfg.text_layers, cfg.text_heads, True, eps,
-                                    keep_cache)
+                                    keep_cache, checkpoint)
     x, pool = eot_pool_forward(x, ids)                                  # (N, Dt)
     x, ln_final = layernorm_forward(x, params["ln_final.weight"], params["ln_final.bias"], eps)
     feat = x @ params["text_projection"]                                # (N, E)
@@ -650,7 +693,7 @@ def encode_text_backward(dfeat, cache, params, grads):
     dx = dfeat @ params["text_projection"].T                            # (N, Dt)
     dx, grads["ln_final.weight"], grads["ln_final.bias"] = layernorm_backward(dx, ln_final)
     dx = eot_pool_backward(dx, pool)                                    # (N, T, Dt)
-    dx = transformer_backward(dx, blocks, "transformer.", grads)
+    dx = transformer_backward(dx, blocks, "transformer.", params, grads)
     grads["token_embedding.weight"], grads["positional_embedding"] = embed_tokens_backward(dx, emb)
 
 
@@ -674,13 +717,13 @@ def encode_text(params, cfg, ids):
                            for i in range(0, len(ids), n)])
 
 
-def features_forward(params, cfg, pixels, ids):
+def features_forward(params, cfg, pixels, ids, checkpoint=False):
     """
-    Both encoders and the L2 normalization: everything before the loss.
+    Both encoders and the L2 normalization: everything before the loss. checkpoint: see transformer_forward.
     pixels: (N, 3, S, S)   ids: (N, T)   ->   (img, txt): (N, E) each, unit rows, and the cache
     """
-    img_feat, img_cache = encode_image_forward(params, cfg, pixels)     # (N, E)
-    txt_feat, txt_cache = encode_text_forward(params, cfg, ids)         # (N, E)
+    img_feat, img_cache = encode_image_forward(params, cfg, pixels, checkpoint=checkpoint)  # (N, E)
+    txt_feat, txt_cache = encode_text_forward(params, cfg, ids, checkpoint=checkpoint)      # (N, E)
     img, img_norm = l2_normalize_forward(img_feat)
     txt, txt_norm = l2_normalize_forward(txt_feat)
     return (img, txt), (img_cache, img_norm, txt_cache, txt_norm)
@@ -695,12 +738,12 @@ def features_backward(dimg, dtxt, cache, params):
     return grads
 
 
-def loss_and_grads(params, cfg, pixels, ids):
+def loss_and_grads(params, cfg, pixels, ids, checkpoint=False):
     """
     One forward and backward pass of CLIP over a batch of N (image, text) pairs.
     pixels: (N, 3, S, S)   ids: (N, T)   ->   (loss: float, grads: a dict with every key of params)
     """
-    (img, txt), cache = features_forward(params, cfg, pixels, ids)
+    (img, txt), cache = features_forward(params, cfg, pixels, ids, checkpoint)
     loss, loss_cache = clip_loss_forward(img, txt, params["logit_scale"])
     dimg, dtxt, dt = clip_loss_backward(loss_cache)
     grads = features_backward(dimg, dtxt, cache, params)
@@ -728,15 +771,22 @@ def class_embeddings(params, cfg, ids, n_templates):
 
 
 def decays(name, shape):
-    """Weight decay applies to weight matrices only: not to gains, biases, embeddings or logit_scale."""
-    return len(shape) >= 2 and "embedding" not in name
+    """
+    Which tensors weight decay shrinks: those of two or more dimensions. The paper decays "all weights
+    that are not gains or biases" (section 2.5); open_clip, whose training reproduces its numbers,
+    exempts every tensor of fewer than 2 dimensions and logit_scale (open_clip_train/main.py,
+    `exclude = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n`). That decays
+    the matrices, conv1, the projections and the token and position embedding tables, and leaves the
+    LayerNorm gains and biases, every bias, the class embedding (a vector) and logit_scale alone.
+    """
+    return len(shape) >= 2
 
 
 class AdamW:
     """
     Adam with decoupled weight decay (Loshchilov & Hutter 2019), CLIP's optimizer. For each tensor:
         m = b1 m + (1 - b1) g                   v = b2 v + (1 - b2) g^2
-        w -= lr * ( m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * w )   (the wd term on matrices only)
+        w -= lr * ( m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * w )   (wd only where decays())
     The defaults are the paper's: b2 = 0.98 and eps = 1e-6 for stability at large batch.
     """
 
@@ -773,7 +823,8 @@ def save_weights(path, params, cfg, meta=None, extra=None):
     """
     Write a checkpoint: params under their own names, `extra` arrays (optimizer state, say) under
     theirs, and a JSON blob with the config, the format version and `meta`. The file appears whole or
-    not at all: we write a temporary file beside it and rename it over the target.
+    not at all: we write a temporary file beside it and rename it over the target. Temporary files
+    that an interrupted save left (killed mid-write, they are as large as the checkpoint) go first.
     """
     arrays = {k: to_numpy(v) for k, v in params.items()}
     for k, v in (extra or {}).items():
@@ -786,6 +837,10 @@ def save_weights(path, params, cfg, meta=None, extra=None):
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
+    folder, base = os.path.split(os.path.abspath(path))
+    for name in os.listdir(folder):
+        if name.startswith(base + ".tmp") and name[len(base) + 4:].isdigit():
+            os.remove(os.path.join(folder, name))
     try:
         with open(tmp, "wb") as f:
             numpy.savez(f, **arrays)
@@ -803,6 +858,8 @@ def load_checkpoint(path):
     Never unpickles: a file holding pickled objects is refused.
     """
     import zipfile
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a miniclip checkpoint (not an .npz archive)")
     try:
         with numpy.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

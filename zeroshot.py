@@ -140,7 +140,7 @@ def main(argv=None):
     except (UserError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    scale = min(float(np.exp(mc.to_numpy(params["logit_scale"]))), mc.MAX_LOGIT_SCALE)
+    scale = mc.logit_scale_value(params)
 
     failed = 0
     for start in range(0, len(args.images), args.batch_size):

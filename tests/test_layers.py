@@ -139,14 +139,12 @@ def test_l2_normalize():
     check(mc.l2_normalize_forward, mc.l2_normalize_backward, [randn(4, 5)], [0])
 
 
-def loss_fn(img, txt, t):
-    loss, cache = mc.clip_loss_forward(*mc.l2_normalize_forward(img)[:1], *mc.l2_normalize_forward(txt)[:1], t)
-    return loss
-
-
 @pytest.mark.parametrize("t", [math.log(1 / 0.07), math.log(100) - 0.01, math.log(100) + 0.5])
 def test_clip_loss(t):
-    """Gradients of the loss in image features, text features and logit_scale, clamped or not."""
+    """
+    Gradients of the loss in image features, text features and logit_scale. The loss does not clamp:
+    above log 100 its scale still moves (train.py clamps the parameter after each step).
+    """
     rng = np.random.default_rng(3)
     img = mc.l2_normalize_forward(rng.standard_normal((5, 4)))[0]
     txt = mc.l2_normalize_forward(rng.standard_normal((5, 4)))[0]
@@ -157,8 +155,35 @@ def test_clip_loss(t):
     for analytic, x in ((dimg, img), (dtxt, txt), (dt, scale)):
         err = rel_error(np.reshape(analytic, -1), numerical_grad(f, x))
         assert err < TOL, f"relative error {err:.2e}"
-    if t > math.log(100):
-        assert float(dt) == 0.0                         # the clamp holds the scale at 100
+    assert abs(float(dt)) > 1e-3
+
+
+def test_clip_loss_is_finite_where_softmax_underflows():
+    """
+    At scale 100 in float32: image 0's own text is at cosine -0.196 and text 1 at cosine 1, so its own
+    logit is ~120 below the best and its softmax is exp(-120) = 0 in float32, where log(softmax) gives
+    inf. The log-sum-exp form gives the loss of float64 and finite gradients.
+    """
+    img = np.array([[1.0, 0.0], [0.0, 1.0]])
+    txt = np.array([[-0.2, 1.0], [1.0, 0.0]])
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    want, _ = mc.clip_loss_forward(img, txt, np.array(math.log(100)))
+    got, cache = mc.clip_loss_forward(img.astype(np.float32), txt.astype(np.float32),
+                                      np.array(math.log(100), dtype=np.float32))
+    assert np.isfinite(got) and abs(got - want) < 1e-5 * want, (got, want)
+    assert all(np.all(np.isfinite(g)) for g in mc.clip_loss_backward(cache))
+
+
+def test_clamp_logit_scale_holds_the_parameter_in_range():
+    params = {"logit_scale": np.array(5.0)}
+    mc.clamp_logit_scale(params)
+    assert float(params["logit_scale"]) == math.log(100)
+    params["logit_scale"][...] = -1.0
+    mc.clamp_logit_scale(params)
+    assert float(params["logit_scale"]) == 0.0
+    params["logit_scale"][...] = 2.5
+    mc.clamp_logit_scale(params)
+    assert float(params["logit_scale"]) == 2.5
 
 
 @pytest.mark.parametrize("rows", [slice(0, 2), slice(2, 4), slice(4, 6)])

@@ -1,4 +1,5 @@
-"""train.py: the data generator, a short run end to end, exact resume, CSV data, and bad input."""
+"""train.py: a short run end to end, exact resume, CSV data, evaluation in blocks, and bad input."""
+import dataclasses
 import json
 import os
 import signal
@@ -10,60 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import miniclip as mc
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n-train", "256", "--n-eval", "48", "--batch-size", "32", "--log-every", "2", "--eval-every", "4"]
-
-
-def shape_pixels(img):
-    """The pixels of the shape: the background is darker than 70 + noise in every channel."""
-    return img.max(axis=2) > 110
-
-
-@pytest.mark.parametrize("color", list(train.COLORS))
-def test_generator_colors_match_pixels(color):
-    rng = np.random.default_rng(0)
-    for kind in train.SHAPES:
-        img = train.draw_shape(rng, color, kind, "large", "center", 36).astype(float)
-        mean = img[shape_pixels(img)].mean(axis=0)
-        nearest = min(train.COLORS, key=lambda c: np.sum((np.array(train.COLORS[c]) - mean) ** 2))
-        assert nearest == color, (kind, mean)
-
-
-def test_generator_shapes_sizes_and_positions_match_pixels():
-    rng = np.random.default_rng(1)
-
-    def stats(kind, size="large", where="center"):
-        mask = shape_pixels(train.draw_shape(rng, "white", kind, size, where, 36))
-        ys, xs = np.nonzero(mask)
-        fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))     # share of the bounding box covered
-        return fill, mask.sum(), xs.mean(), ys.mean()
-
-    fills = {k: np.mean([stats(k)[0] for _ in range(5)]) for k in train.SHAPES}
-    assert fills["square"] > 0.9 > fills["circle"] > 0.7 > fills["cross"] > fills["star"]
-    assert 0.4 < fills["triangle"] < 0.65 and 0.4 < fills["diamond"] < 0.65
-    assert stats("circle", "large")[1] > 2.5 * stats("circle", "small")[1]
-    assert stats("square", "small", "left")[2] < 14 < 22 < stats("square", "small", "right")[2]
-    assert stats("square", "small", "top")[3] < 14 < 22 < stats("square", "small", "bottom")[3]
-    assert 15 < stats("circle", "small", "center")[2] < 21
-
-
-def test_held_out_pairs_keep_every_word_in_training():
-    for seed in range(5):
-        seen, held = train.split_pairs(seed)
-        assert len(held) == 12 and len(seen) == 36 and not set(seen) & set(held)
-        assert all(sum(s == shape for _, s in held) == 2 for shape in train.SHAPES)
-        assert all(sum(c == color for c, _ in held) <= 2 for color in train.COLORS)
-    assert train.split_pairs(0) == train.split_pairs(0) != train.split_pairs(1)
-
-
-def test_captions_name_their_color_and_shape_only():
-    _, captions, attrs = train.make_shapes(300, [("red", "star"), ("blue", "cross")], seed=0, side=36)
-    for caption, (color, kind, _, _) in zip(captions, attrs):
-        words = set(caption.split())
-        assert {color, kind} <= words and not words & (set(train.COLORS) | set(train.SHAPES)) - {color, kind}
 
 
 def test_short_tiny_run_end_to_end(tmp_path, capsys):
@@ -152,14 +105,25 @@ def test_csv_errors(tmp_path, capsys):
             ("img/3.png", "ok too"), ("img/4.png", "also")]
     csv_path = write_csv_folder(tmp_path, rows, n_images=5)
     (tmp_path / "img" / "2.png").write_bytes(b"not a png")
+    # Indexing finds missing files and empty captions before training starts.
     assert train.main(["--data", csv_path, "--out", str(tmp_path / "x.npz")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "3 bad rows" in err and "line 3: img/missing.png: no such file" in err
-    assert "line 4: empty caption" in err and "line 5: img/2.png: not an image" in err and "--skip-bad" in err
+    assert err.count("\n") == 1 and "2 bad rows" in err and "line 3: img/missing.png: no such file" in err
+    assert "line 4: empty caption" in err and "--skip-bad" in err
+    assert not os.path.exists(tmp_path / "x.npz") and not os.path.exists(tmp_path / "x.metrics.jsonl")
 
-    assert train.main(["--data", csv_path, "--skip-bad", "--steps", "1", "--batch-size", "2",
-                       "--out", str(tmp_path / "x.npz")]) == 0
-    assert "skipped 3 bad rows" in capsys.readouterr().out
+    # An image that does not decode is found when its batch is decoded: one line naming it.
+    out = str(tmp_path / "x.npz")
+    every_pair = ["--steps", "2", "--batch-size", "4", "--val-frac", "0", "--workers", "0", "--out", out]
+    (tmp_path / "decode.csv").write_text("filepath,title\n" + "".join(f"img/{i}.png,pair {i}\n" for i in (0, 2, 3, 4)))
+    assert train.main(["--data", str(tmp_path / "decode.csv"), *every_pair]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2.png: not an image file Pillow can read" in err and "--skip-bad" in err
+
+    # With --skip-bad, bad rows are skipped and the undecodable image replaced by another of its batch.
+    assert train.main(["--data", csv_path, "--skip-bad", *every_pair]) == 0
+    log = capsys.readouterr().out
+    assert "skipped 2 bad rows" in log and "skipped an unreadable image" in log and "2.png" in log
 
     with open(tmp_path / "cols.csv", "w") as f:
         f.write("image,caption\nimg/0.png,x\n")
@@ -205,3 +169,144 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     assert "Traceback" not in err and "interrupted" in rest and "resume with" in rest
     step = mc.load_checkpoint(out)[2]["step"]
     assert 1 <= step < 100000
+
+
+def test_trim_keeps_the_end_of_text_of_captions_with_a_bang():
+    """id 0 is the byte "!", a real token: trimming must keep every row's end-of-text and its feature."""
+    import bpe
+    tok = bpe.train(["a cat", "a dog", "a bird"] * 5, 530)
+    ids = tok.tokenize(["a cat!?", "a dog"], 20)
+    assert (ids == 0).any(axis=1)[0]                    # the "!" is there as id 0
+    trimmed = train.trim(ids)
+    assert (trimmed == tok.vocab_size - 1).any(axis=1).all()
+    cfg = dataclasses.replace(mc.PRESETS["tiny"], vocab_size=tok.vocab_size)
+    params = mc.init_params(cfg, dtype=np.float64)
+    assert np.allclose(mc.encode_text(params, cfg, trimmed), mc.encode_text(params, cfg, ids), rtol=1e-12, atol=1e-12)
+
+
+def files_of(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if not (folder / name).is_dir()}
+
+
+def test_bad_options_are_one_line_and_touch_nothing(tmp_path, capsys):
+    out = tmp_path / "c.npz"
+    assert train.main(["--tiny", *SMALL, "--steps", "2", "--out", str(out)]) == 0
+    (tmp_path / "junk.npz").write_bytes(os.urandom(4096))
+    before = files_of(tmp_path)
+    capsys.readouterr()
+    cases = {
+        ("--batch-size", "0"): "--batch-size must be at least 1",
+        ("--val-frac", "1.0"): "--val-frac must be at least 0 and below 1",
+        ("--val-frac", "-0.5"): "--val-frac must be at least 0 and below 1",
+        ("--lr", "nan"): "--lr must be a finite number above 0",
+        ("--log-every", "0"): "--log-every must be at least 1",
+        ("--eval-every", "0"): "--eval-every must be at least 1",
+        ("--steps", "0"): "--steps must be at least 1",
+        ("--workers", "-1"): "--workers must be at least 0",
+        ("--csv-separator", "ab"): "--csv-separator must be one character",
+        ("--batch-size", "1000"): "--batch-size 1000 is more than the 256 training pairs",
+        ("--data", "x.csv"): "--tiny trains on generated shapes and --data on your files",
+        ("--init", str(tmp_path / "junk.npz")): "junk.npz: not a miniclip checkpoint (not an .npz archive)",
+        ("--init", str(tmp_path / "nothing.npz")): "--init " + str(tmp_path / "nothing.npz") + ": no such file",
+    }
+    for flags, message in cases.items():
+        assert train.main(["--tiny", *SMALL, "--out", str(out), *flags]) == 1, flags
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (flags, err)
+        assert files_of(tmp_path) == before, flags
+    assert train.main(["--resume", str(tmp_path / "junk.npz"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "not an .npz archive" in err and "pickled" not in err
+    assert train.main(["--resume", str(out), "--data", "x.csv"]) == 1
+    assert "--resume continues the saved run" in capsys.readouterr().err
+    assert files_of(tmp_path) == before
+
+
+def test_csv_with_a_byte_order_mark_and_tabs(tmp_path, capsys):
+    write_csv_folder(tmp_path, [], n_images=6)
+    with open(tmp_path / "pairs.tsv", "w", encoding="utf-8-sig") as f:   # as a spreadsheet program writes it
+        f.write("filepath\ttitle\n" + "".join(f"img/{i}.png\tpicture, number {i}!\n" for i in range(6)))
+    assert train.main(["--data", str(tmp_path / "pairs.tsv"), "--csv-separator", "\\t", "--steps", "2",
+                       "--batch-size", "2", "--workers", "0", "--out", str(tmp_path / "c.npz")]) == 0
+    assert "5 training pairs, 1 validation pairs" in capsys.readouterr().out
+
+
+def test_resume_refuses_changed_data(tmp_path, capsys):
+    rows = [(f"img/{i}.png", f"picture number {i}") for i in range(10)]
+    csv_path = write_csv_folder(tmp_path, rows)
+    out = str(tmp_path / "c.npz")
+    assert train.main(["--data", csv_path, "--steps", "4", "--stop-at", "2", "--batch-size", "4",
+                       "--workers", "0", "--out", out]) == 0
+    rows[3] = ("img/3.png", "another caption")
+    write_csv_folder(tmp_path, rows)
+    before = files_of(tmp_path)
+    capsys.readouterr()
+    assert train.main(["--resume", out]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the data changed since this run was saved" in err and "--init" in err
+    assert files_of(tmp_path) == before
+
+
+def test_a_save_removes_what_an_interrupted_save_left(tmp_path):
+    out = tmp_path / "c.npz"
+    (tmp_path / "c.npz.tmp12345").write_bytes(b"x" * 1000)       # a save killed by kill -9
+    (tmp_path / "c.npz.tmpfile").write_bytes(b"not ours")          # not a temporary file of ours
+    assert train.main(["--tiny", *SMALL, "--steps", "1", "--out", str(out)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["c.metrics.jsonl", "c.npz", "c.npz.tmpfile", "samples"]
+
+
+def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
+    out = tmp_path / "c.npz"
+    args = ["--tiny", *SMALL, "--log-every", "1", "--eval-every", "100", "--steps", "6"]
+    assert train.main([*args, "--stop-at", "3", "--out", str(out)]) == 0
+    with open(tmp_path / "c.metrics.jsonl", "a") as f:            # steps a killed run logged after its save
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    assert train.main(["--resume", str(out)]) == 0
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "c.metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6, 6]                         # 6: the loss, then the final evaluation
+
+
+def test_init_with_another_image_size(tmp_path, capsys):
+    """--init's weights decide the image size; the data is cut to fit them, whatever --preset says."""
+    small = tmp_path / "small.npz"
+    assert train.main(["--tiny", *SMALL, "--steps", "1", "--out", str(small)]) == 0
+    params, cfg, meta, _ = mc.load_checkpoint(small)
+    cfg48 = dataclasses.replace(cfg, image_size=48)
+    mc.save_weights(tmp_path / "w48.npz", mc.init_params(cfg48), cfg48, meta={"tokenizer": meta["tokenizer"]})
+    assert train.main(["--tiny", *SMALL, "--steps", "1", "--init", str(tmp_path / "w48.npz"),
+                       "--out", str(tmp_path / "c.npz")]) == 0
+    assert mc.load_checkpoint(tmp_path / "c.npz")[1].image_size == 48
+
+
+def test_the_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
+    def out_of_memory(*args):
+        raise MemoryError("evaluation ran out of memory")
+    monkeypatch.setattr(train, "evaluate", out_of_memory)
+    with pytest.raises(MemoryError):
+        train.main(["--tiny", *SMALL, "--steps", "8", "--out", str(tmp_path / "c.npz")])
+    assert mc.load_checkpoint(tmp_path / "c.npz")[2]["step"] == 4
+
+
+def test_recall_in_blocks_equals_the_whole_matrix(monkeypatch):
+    rng = np.random.default_rng(0)
+    q, items = rng.standard_normal((50, 8)), rng.standard_normal((40, 8))
+    qk, ik = rng.integers(0, 10, 50), rng.integers(0, 10, 40)
+    order = np.argsort(-(q @ items.T), axis=1)
+    want = {k: float((ik[order[:, :k]] == qk[:, None]).any(axis=1).mean()) for k in (1, 5)}
+    monkeypatch.setattr(train, "RECALL_BLOCK", 7)
+    assert train.recall_at(q, items, qk, ik) == want
+    assert 0 < want[1] < want[5] < 1
+
+
+def test_shards_train_and_resume_exactly_with_any_workers(tmp_path, capsys):
+    """Shards streamed by 0 or 2 workers, stopped and resumed or not: the same weights, bit for bit."""
+    from test_data import write_shards
+    pattern = write_shards(tmp_path / "shards", 3, 8)
+    args = ["--data", pattern, "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--val-frac", "0.2"]
+    assert train.main([*args, "--workers", "0", "--out", str(tmp_path / "a.npz")]) == 0
+    assert "20 training pairs, 4 validation pairs" in capsys.readouterr().out
+    assert train.main([*args, "--workers", "2", "--stop-at", "4", "--out", str(tmp_path / "b.npz")]) == 0
+    assert train.main(["--resume", str(tmp_path / "b.npz"), "--workers", "1"]) == 0
+    a, b = mc.load_checkpoint(tmp_path / "a.npz"), mc.load_checkpoint(tmp_path / "b.npz")
+    assert a[2]["step"] == b[2]["step"] == 6
+    assert all(np.array_equal(a[0][k], b[0][k]) for k in a[0]) and all(np.array_equal(a[3][k], b[3][k]) for k in a[3])

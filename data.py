@@ -1,0 +1,481 @@
+"""
+The data miniclip trains on, and how its images reach the model: streamed.
+
+A data set here is an index (Pairs): for each image-caption pair, its caption and a locator that says
+where its image is: a file path, a byte range inside a tar file, or a row of an array in memory. The
+index costs a few hundred bytes a pair; the images themselves are not kept. Training asks for a batch
+by its pair numbers and crop offsets, and background worker processes (Loader) open, decode, resize
+and crop those images a few batches ahead of the step that needs them. So memory does not grow with
+the number of pairs, and the CPU decodes while the model computes.
+
+Three kinds of data, one interface:
+    shapes_world()   the generated shapes of train.py --tiny, drawn once into memory (93 MB for --tiny)
+    read_csv()       a CSV of image paths and captions, open_clip's convention
+    read_shards()    webdataset tar shards, as large public image-text sets ship: key.jpg beside key.txt
+
+Every batch is a pure function of the seed and the step (batch_plan): the order of each epoch and
+each crop offset come from generators seeded with (seed, epoch) and (seed, step). A resumed run asks
+for the same batches as an uninterrupted one, and the K processes of a data-parallel run, each
+decoding only its own slice of every batch, together see exactly what one process would.
+"""
+import csv
+import dataclasses
+import hashlib
+import io
+import math
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import tarfile
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+import miniclip as mc
+
+
+class DataError(ValueError):
+    """Bad data or a bad data option: reported as one line naming the file."""
+
+
+@dataclasses.dataclass
+class Pairs:
+    """
+    The index of a data set. Pair i is (captions[i], the image at locators[i]). A locator is a file
+    path (str), a (tar path, byte offset, byte count, member name) tuple, or, when `images` holds the
+    decoded pixels, a row of it (int).
+    """
+    captions: list                  # n strings
+    locators: list                  # n locators
+    keys: list                      # n hashables: retrieval counts a hit when the keys match
+    labels: np.ndarray = None       # (n,) index into the label list, for zero-shot accuracy
+    images: np.ndarray = None       # (m, L, L, 3) uint8, only for data held in memory
+    source: str = ""                # what the user named, for messages
+
+    def __len__(self):
+        return len(self.captions)
+
+    def subset(self, idx):
+        """The pairs at the positions idx, in that order."""
+        return dataclasses.replace(self, captions=[self.captions[i] for i in idx],
+                                   locators=[self.locators[i] for i in idx], keys=[self.keys[i] for i in idx],
+                                   labels=None if self.labels is None else self.labels[idx])
+
+    def fingerprint(self):
+        """A hash of every caption and locator: a resumed run checks it still reads the same data."""
+        h = hashlib.sha256()
+        for caption, loc in zip(self.captions, self.locators):
+            h.update(f"{caption}\t{loc}\n".encode())
+        if self.images is not None:
+            h.update(self.images.tobytes())
+        return h.hexdigest()[:16]
+
+
+def load_size(image_size):
+    """Images are kept or decoded at 9/8 of the model's side, the slack a random square crop needs."""
+    return image_size + image_size // 8
+
+
+class Progress:
+    """Prints `message: done/total (seconds)` every 5 seconds of a long phase, and when it ends; a short phase prints nothing."""
+
+    def __init__(self, message, total=None):
+        self.message, self.total, self.t0, self.last = message, total, time.time(), time.time()
+        self.shown = False
+
+    def update(self, done):
+        now = time.time()
+        if now - self.last >= 5 or (done == self.total and self.shown):
+            self.last, self.shown = now, True
+            of = f"/{self.total:,}" if self.total else ""
+            print(f"{self.message}: {done:,}{of} ({now - self.t0:.0f}s)", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The generated shapes world (train.py --tiny)
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (240, 220, 50),
+          "purple": (150, 60, 200), "orange": (250, 140, 30), "white": (240, 240, 240), "pink": (250, 140, 200)}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+SIZES = {"small": ("small", "little", "tiny"), "large": ("big", "large", "huge")}
+POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+             "center": "in the middle"}
+CAPTIONS = ("a photo of a {size} {color} {shape}{where}", "a drawing of a {size} {color} {shape}{where}",
+            "a {color} {shape}{where}", "a picture of a {color} {shape}", "a {size} {shape} colored {color}{where}",
+            "there is a {color} {shape}{where}", "a {shape} that is {color}", "an image of a {color} {shape}",
+            "{size} {color} {shape}", "a {color} {shape} on a dark background")
+LABELS = [f"{c} {s}" for c in COLORS for s in SHAPES]
+
+# Prompt ensembling at evaluation, as CLIP does: each label goes into every template, and the
+# normalized text embeddings are averaged.
+TEMPLATES = ("a photo of a {}", "a drawing of a {}", "a picture of a {}", "an image of a {}", "a {}")
+
+
+def split_pairs(seed):
+    """
+    Choose the 12 color-shape pairs (a quarter of 48) kept out of training: for each shape, 2 of its 8
+    colors, with no color losing more than 2 of its 6 shapes. So every word is still learned from other
+    pairs, and no shape or color is held out much more than another.
+    """
+    rng = np.random.default_rng(seed)
+    while True:
+        held = [(str(c), s) for s in SHAPES for c in rng.choice(list(COLORS), 2, replace=False)]
+        if max(sum(h[0] == c for h in held) for c in COLORS) <= 2:
+            pairs = [(c, s) for c in COLORS for s in SHAPES]
+            return [p for p in pairs if p not in held], held
+
+
+def shape_polygon(kind, cx, cy, r):
+    """The outline of a shape centered at (cx, cy) with radius r, as PIL polygon points."""
+    if kind == "square":
+        r *= 0.85
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if kind == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    if kind == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if kind == "star":                                  # five points, inner radius 0.4 r
+        return [(cx + (r if i % 2 == 0 else 0.4 * r) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                 cy + (r if i % 2 == 0 else 0.4 * r) * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
+    if kind == "cross":                                 # a plus sign with arms 0.5 r wide
+        w = 0.25 * r
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
+                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
+                (cx - r, cy - w), (cx - w, cy - w)]
+    raise ValueError(kind)
+
+
+def draw_shape(rng, color, kind, size, where, side):
+    """
+    One image, side x side uint8 RGB: a dark background (a random vertical gradient with noise) and one
+    shape. The shape is drawn as a mask at 4x the size and box-downsampled, which anti-aliases its
+    edges; the mask then blends the shape's color over the background.
+    """
+    big = side * 4
+    r = big * (rng.uniform(0.16, 0.20) if size == "small" else rng.uniform(0.26, 0.32))
+    # Keep the shape side/9 away from every edge: a training crop of 8/9 of the side then never cuts it.
+    lo, hi = r + big / 9, big - r - big / 9
+    mid = big / 2 + rng.uniform(-0.05, 0.05, 2) * big
+    side_lo, side_hi = rng.uniform(lo, max(lo, 0.34 * big)), rng.uniform(min(hi, 0.66 * big), hi)
+    cx, cy = {"left": (side_lo, mid[1]), "right": (side_hi, mid[1]), "top": (mid[0], side_lo),
+              "bottom": (mid[0], side_hi), "center": mid}[where]
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(shape_polygon(kind, cx, cy, r), fill=255)
+    alpha = np.asarray(mask.resize((side, side), Image.BOX), dtype=np.float32)[:, :, None] / 255  # (side, side, 1)
+    t = np.linspace(0, 1, side, dtype=np.float32)[:, None, None]
+    bg = rng.integers(0, 70, 3) * (1 - t) + rng.integers(0, 70, 3) * t + rng.normal(0, 4, (side, side, 3))
+    fill = np.clip(np.array(COLORS[color]) + rng.integers(-15, 16, 3), 0, 255)
+    return np.clip(bg * (1 - alpha) + fill * alpha, 0, 255).astype(np.uint8)
+
+
+def make_shapes(n, pairs, seed, side):
+    """
+    n images of the given (color, shape) pairs with a caption each. Returns (images (n, side, side, 3)
+    uint8, captions, attributes) where attributes are (color, shape, size, position) tuples.
+    """
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, side, side, 3), dtype=np.uint8)
+    captions, attrs = [], []
+    for i in range(n):
+        color, kind = pairs[rng.integers(len(pairs))]
+        size = "small" if rng.random() < 0.5 else "large"
+        where = list(POSITIONS)[rng.integers(len(POSITIONS))]
+        images[i] = draw_shape(rng, color, kind, size, where, side)
+        template = CAPTIONS[rng.integers(len(CAPTIONS))]
+        where_words = f" {POSITIONS[where]}" if rng.random() < 0.7 else ""
+        captions.append(template.format(size=SIZES[size][rng.integers(3)], color=color, shape=kind, where=where_words))
+        attrs.append((color, kind, size, where))
+    return images, captions, attrs
+
+
+def shapes_world(n_train, n_eval, seed, image_size):
+    """
+    --tiny's data: n_train images of 36 color-shape pairs for training, and n_eval of the 12 held-out
+    pairs for zero-shot evaluation. Returns (train, val, held-out pairs), both Pairs held in memory.
+    """
+    train_pairs, held = split_pairs(seed)
+    side = load_size(image_size)
+    t0 = time.time()
+    images, captions, attrs = make_shapes(n_train, train_pairs, seed, side)
+    train = Pairs(captions, list(range(n_train)), attrs, images=images, source="generated shapes")
+    images, captions, attrs = make_shapes(n_eval, held, seed + 1, side)
+    val = Pairs(captions, list(range(n_eval)), attrs, np.array([LABELS.index(f"{a[0]} {a[1]}") for a in attrs]),
+                images=images, source="generated shapes")
+    print(f"data: {n_train} generated training images of {len(train_pairs)} color-shape pairs, "
+          f"{n_eval} of the {len(held)} held-out pairs ({', '.join(' '.join(p) for p in held)}); "
+          f"{time.time() - t0:.1f}s")
+    return train, val, held
+
+
+# -----------------------------------------------------------------------------
+# CSV: one row per pair, an image path (relative to the CSV) and a caption, open_clip's convention.
+
+
+def csv_separator(text):
+    r"""The --csv-separator as typed: '\t' (a backslash and a t, as a shell passes it) means a tab."""
+    sep = text.encode().decode("unicode_escape") if "\\" in text else text
+    if len(sep) != 1:
+        raise DataError(f"--csv-separator must be one character, got {text!r} (a tab is '\\t')")
+    return sep
+
+
+def read_csv(path, img_key, caption_key, separator, skip_bad):
+    """
+    Index a CSV of image paths and captions; images are not opened here. A row with an empty caption
+    or an image path that is not a file is bad: the run stops with a list of the first ones, or skips
+    and counts them with skip_bad. A byte-order mark, as spreadsheet programs write, is allowed.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such CSV file")
+    base = os.path.dirname(os.path.abspath(path))
+    captions, locators, bad = [], [], []
+    shown = Progress(f"indexing {path}, rows")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            fields = reader.fieldnames or []
+            for key in (img_key, caption_key):
+                if key not in fields:
+                    raise DataError(f"{path}: no column {key!r}; the columns are {fields} "
+                                    f"(set --csv-img-key, --csv-caption-key, --csv-separator)")
+            for line, row in enumerate(reader, start=2):
+                caption, image = (row[caption_key] or "").strip(), row[img_key] or ""
+                image_path = os.path.join(base, image)
+                if not caption:
+                    bad.append(f"line {line}: empty caption")
+                elif not os.path.isfile(image_path):
+                    bad.append(f"line {line}: {image}: no such file")
+                else:
+                    captions.append(caption)
+                    locators.append(image_path)
+                shown.update(line - 1)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
+    if bad and not skip_bad:
+        raise DataError(f"{path}: {len(bad)} bad rows, first: " + "; ".join(bad[:5]) + " (--skip-bad skips them)")
+    if bad:
+        print(f"skipped {len(bad)} bad rows of {path}, first: {bad[0]}")
+    if not captions:
+        raise DataError(f"{path}: no usable image-caption pairs")
+    return Pairs(captions, locators, list(captions), source=path)
+
+
+# -----------------------------------------------------------------------------
+# webdataset shards: tar files in which the files of one sample share a key, the name up to the first
+# dot of the base name ("000123.jpg" and "000123.txt" are sample "000123"). Indexing reads each tar's
+# headers and its small .txt members and seeks past the images, whose byte ranges it records.
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_braces(pattern):
+    """
+    open_clip's shard patterns: "{00000..00002}" counts (keeping the zero padding) and "{a,b}" lists,
+    any number of them; "::" joins several patterns.
+    "s/{0..2}.tar" -> ["s/0.tar", "s/1.tar", "s/2.tar"];  "{a,b}{1..2}" -> ["a1", "a2", "b1", "b2"]
+    """
+    if "::" in pattern:
+        return [p for part in pattern.split("::") for p in expand_braces(part)]
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        if hi < lo:
+            raise DataError(f"{pattern}: the range {{{body}}} counts down")
+        items = [str(i).zfill(len(r.group(1))) for i in range(lo, hi + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+def read_shards(patterns):
+    """Index webdataset tar shards (paths or brace patterns). Samples lacking an image or a caption are counted and skipped."""
+    paths = [p for pattern in patterns for p in expand_braces(pattern)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{missing[0]}: no such shard" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    captions, locators, incomplete = [], [], 0
+    shown = Progress("indexing shards", len(paths))
+    for done, path in enumerate(paths, start=1):
+        images, texts = {}, {}
+        try:
+            with tarfile.open(path, "r:") as tar:      # "r:" reads plain tar only, where seeking is cheap
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, dot, ext = base.partition(".")
+                    key, ext = f"{folder}/{stem}" if folder else stem, ext.lower()
+                    if ext in IMAGE_EXTS:
+                        images[key] = (path, member.offset_data, member.size, member.name)
+                    elif ext == "txt":
+                        texts[key] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"{path}: not a readable uncompressed tar file ({e})") from None
+        for key, loc in images.items():
+            if texts.get(key):
+                captions.append(texts[key])
+                locators.append(loc)
+        incomplete += len(images.keys() ^ texts.keys()) + sum(1 for k in images if k in texts and not texts[k])
+        shown.update(done)
+    if incomplete:
+        print(f"skipped {incomplete} samples without both an image and a non-empty caption")
+    if not captions:
+        raise DataError(f"{patterns[0]}: no samples with an image ({'/'.join(IMAGE_EXTS)}) and a caption (txt)")
+    return Pairs(captions, locators, list(captions), source=" ".join(patterns))
+
+
+def read_data(data, img_key="filepath", caption_key="title", separator=",", skip_bad=False):
+    """--data as given: shards when every entry names .tar files, else one CSV."""
+    if all(p.endswith(".tar") for p in data):
+        return read_shards(data)
+    if len(data) > 1:
+        raise DataError("--data takes one CSV, or any number of .tar shards")
+    return read_csv(data[0], img_key, caption_key, csv_separator(separator), skip_bad)
+
+
+def split(pairs, val_frac, val_max, seed):
+    """(train, val): a seeded val_frac of the pairs, at most val_max, held out for evaluation (val None if none)."""
+    n = len(pairs)
+    n_val = min(int(n * val_frac), val_max) if n > 1 else 0
+    if val_frac > 0 and n > 1:
+        n_val = max(1, n_val)
+    order = np.random.default_rng(seed).permutation(n)
+    return pairs.subset(order[n_val:]), (pairs.subset(order[:n_val]) if n_val else None)
+
+
+# -----------------------------------------------------------------------------
+# Batches: which pairs, and where each is cropped, as a pure function of (seed, step).
+
+
+def batch_plan(step, n, batch_size, seed, slack):
+    """
+    The batch of optimizer step `step` (0-based) over n training pairs: (pair numbers (B,), crop
+    offsets (B, 2)). Each epoch is a fresh seeded permutation; the n % B pairs left at its end wait for
+    the next epoch's order. Crop offsets are uniform in [0, slack], y then x.
+    """
+    per_epoch = n // batch_size
+    epoch, j = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, 0, epoch]).permutation(n)
+    offsets = np.random.default_rng([seed, 1, step]).integers(0, slack + 1, (batch_size, 2))
+    return order[j * batch_size:(j + 1) * batch_size], offsets
+
+
+def open_located(locator):
+    """The image at a file or tar locator as 8-bit RGB PIL, or ValueError saying why not."""
+    if isinstance(locator, str):
+        return mc.open_image(locator)
+    path, offset, size, _ = locator
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(size)
+    return mc.open_image(io.BytesIO(raw))
+
+
+def describe(locator):
+    return locator if isinstance(locator, str) else f"{locator[0]}: {locator[3]}"
+
+
+def decode_crops(locators, side, size, offsets):
+    """
+    Runs in a worker: open each image, resize its short side to `side` and center-crop it square (as
+    the model's preprocessing does), then cut the size x size square at its offset.
+    Returns (crops (n, size, size, 3) uint8, [(position, message)] of the images that failed).
+    """
+    out = np.zeros((len(locators), size, size, 3), dtype=np.uint8)
+    failed = []
+    for i, (loc, (y, x)) in enumerate(zip(locators, offsets)):
+        try:
+            out[i] = np.asarray(mc.resize_and_crop(open_located(loc), side))[y:y + size, x:x + size]
+        except (ValueError, OSError) as e:
+            failed.append((i, f"{describe(loc)}: {e}"))
+    return out, failed
+
+
+def ignore_interrupts():
+    """Workers leave Ctrl-C to the training process, which stops the run cleanly and then ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Loader:
+    """
+    Decodes batches of images in `workers` background processes, at most `prefetch` batches ahead of
+    the one being consumed; with no workers, in this process when asked. Pairs held in memory are
+    cropped directly. `decoded` counts the images this process has decoded, which is how a
+    data-parallel run shows that each process reads only its own share.
+    """
+
+    def __init__(self, image_size, workers, prefetch=None, skip_bad=False):
+        self.size, self.side = image_size, load_size(image_size)
+        self.workers, self.skip_bad, self.decoded = workers, skip_bad, 0
+        self.prefetch = prefetch or 2 * max(1, workers)
+        self.pool = None
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def _submit(self, pairs, idx, offsets):
+        if pairs.images is not None:                                    # in memory: nothing to decode
+            S = self.size
+            return np.stack([pairs.images[i, y:y + S, x:x + S] for i, (y, x) in zip(idx, offsets)]), []
+        locators = [pairs.locators[i] for i in idx]
+        self.decoded += len(idx)
+        if not self.workers:
+            return decode_crops(locators, self.side, self.size, offsets)
+        if self.pool is None:
+            # forkserver: workers start from a fresh process, not a copy of this one with its MPI
+            # state, model and optimizer.
+            ctx = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=ignore_interrupts)
+        return self.pool.submit(decode_crops, locators, self.side, self.size, offsets)
+
+    def _finish(self, pairs, idx, result):
+        """(uint8 crops, the pair numbers they show): a failed image stops the run, or with skip_bad is replaced by another of its batch."""
+        try:
+            crops, failed = result if isinstance(result, tuple) else result.result()
+        except BrokenProcessPool:
+            raise DataError("a data worker process died (out of memory?); try fewer --workers") from None
+        idx = np.array(idx)
+        if failed and (not self.skip_bad or len(failed) == len(idx)):
+            raise DataError(f"{failed[0][1]} (in {pairs.source}; --skip-bad skips such images)")
+        if failed:
+            bad = {i for i, _ in failed}
+            good = [i for i in range(len(idx)) if i not in bad]
+            for k, (i, message) in enumerate(failed):               # deterministic: the same files fail again
+                crops[i], idx[i] = crops[good[k % len(good)]], idx[good[k % len(good)]]
+                print(f"skipped an unreadable image: {message}")
+        return crops, idx
+
+    def batches(self, pairs, requests):
+        """For each (pair numbers, crop offsets) of `requests`, in order: (uint8 crops (B, S, S, 3), pair numbers)."""
+        pending = deque()
+        for idx, offsets in requests:
+            pending.append((idx, self._submit(pairs, idx, offsets)))
+            if len(pending) > self.prefetch:
+                yield self._finish(pairs, *pending.popleft())
+        while pending:
+            yield self._finish(pairs, *pending.popleft())
+
+    def center_crops(self, pairs, chunk):
+        """All the pairs' images, center-cropped, in batches of up to `chunk` (evaluation)."""
+        o = (self.side - self.size) // 2
+        requests = ((np.arange(i, min(i + chunk, len(pairs))), np.full((min(chunk, len(pairs) - i), 2), o))
+                    for i in range(0, len(pairs), chunk))
+        return self.batches(pairs, requests)

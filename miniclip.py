@@ -859,7 +859,7 @@ def load_checkpoint(path):
     """
     import zipfile
     if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a miniclip checkpoint (not an .npz archive)")
+        raise ValueError(f"{path}: not a readable miniclip checkpoint (not an .npz archive)")
     try:
         with numpy.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -520,11 +520,13 @@ def train_loop(args, run, group=None):
 
     loader = data.Loader(cfg.image_size, args.workers, skip_bad=args.skip_bad)
     batches = loader.batches(train_set, plan())
-    t_start, seen, t_log = time.time(), 0, time.time()
+    t_start, seen, t_log, waited = time.time(), 0, time.time(), 0.0
     stopping = False
     try:
         while run["step"] < stop_at and not stopping:
-            crops, idx = next(batches)
+            t_wait = time.time()
+            crops, idx = next(batches)                  # blocks only when the workers fall behind
+            waited += time.time() - t_wait
             pixels, batch_ids = batch_inputs(crops, [train_set.captions[i] for i in idx], tok, cfg)
             with np.errstate(all="ignore"):             # a non-finite loss is reported just below
                 if group:
@@ -547,10 +549,11 @@ def train_loop(args, run, group=None):
                 rate = seen / (now - t_log)
                 eta = (stop_at - step) * tc.batch_size / rate
                 scale = mc.logit_scale_value(params)
+                wait = waited / (now - t_log)           # the share of the time spent waiting for images
                 print(f"step {step:5d}/{tc.steps} | loss {loss:.4f} | lr {lr:.2e} | logit scale {scale:6.2f} | "
-                      f"{rate:6.0f} img/s | ETA {eta:4.0f}s")
-                log({"step": step, "loss": loss, "lr": lr, "logit_scale": scale, "img_per_s": rate})
-                seen, t_log = 0, now
+                      f"{rate:6.0f} img/s | data {wait:4.0%} | ETA {eta:4.0f}s")
+                log({"step": step, "loss": loss, "lr": lr, "logit_scale": scale, "img_per_s": rate, "data_wait": wait})
+                seen, t_log, waited = 0, now, 0.0
             if step % tc.eval_every == 0 or step == tc.steps:
                 save()                                  # before evaluating, so a failed evaluation loses nothing
                 if val is not None and lead:

@@ -206,7 +206,7 @@ def test_bad_options_are_one_line_and_touch_nothing(tmp_path, capsys):
         ("--csv-separator", "ab"): "--csv-separator must be one character",
         ("--batch-size", "1000"): "--batch-size 1000 is more than the 256 training pairs",
         ("--data", "x.csv"): "--tiny trains on generated shapes and --data on your files",
-        ("--init", str(tmp_path / "junk.npz")): "junk.npz: not a miniclip checkpoint (not an .npz archive)",
+        ("--init", str(tmp_path / "junk.npz")): "junk.npz: not a readable miniclip checkpoint (not an .npz archive)",
         ("--init", str(tmp_path / "nothing.npz")): "--init " + str(tmp_path / "nothing.npz") + ": no such file",
     }
     for flags, message in cases.items():

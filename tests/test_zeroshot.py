@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import bpe
+import data
 import miniclip as mc
 import train
 
@@ -52,7 +53,7 @@ def test_json_all_labels_sorted(tiny, sample):
     records = [json.loads(line) for line in p.stdout.splitlines()]
     assert len(records) == 2 and records[0]["image"] == sample
     preds = records[0]["predictions"]
-    assert len(preds) == 48 and {d["label"] for d in preds} == set(train.LABELS)
+    assert len(preds) == 48 and {d["label"] for d in preds} == set(data.LABELS)
     assert [d["prob"] for d in preds] == sorted((d["prob"] for d in preds), reverse=True)
     assert abs(sum(d["prob"] for d in preds) - 1) < 1e-6
     top2 = json.loads(run(sample, "--checkpoint", tiny / "tiny.npz", "--json", "--topk", "2").stdout)
@@ -210,3 +211,40 @@ def test_weights_folder_matches_transformers(tmp_path):
     with torch.no_grad():
         want = model(**text, pixel_values=pixels).logits_per_image.softmax(-1)[0].numpy()
     assert np.abs(np.array([got[label] for label in labels]) - want).max() < 1e-4
+
+
+def test_fine_tune_a_hugging_face_folder_at_scale_100_on_captions_with_a_bang(tmp_path):
+    """
+    The path a user takes after --tiny: published-style weights (logit scale 100, CLIP's vocabulary),
+    a CSV whose captions contain "!", a few steps of fine-tuning with finite losses, and zeroshot.py
+    reading the result.
+    """
+    from conftest import open_clip_file, reference
+    torch = reference("torch")
+    transformers = reference("transformers")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                         hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, hidden_act="quick_gelu"),
+        projection_dim=16, logit_scale_init_value=float(np.log(100)))
+    folder = tmp_path / "clip"
+    transformers.CLIPModel(config).save_pretrained(folder)
+    bpe.load(open_clip_file("bpe_simple_vocab_16e6.txt.gz")).save_hf(folder)
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "img")
+    with open(tmp_path / "pairs.csv", "w") as f:
+        f.write("filepath,title\n")
+        for i in range(16):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+            f.write(f"img/{i}.png,wow! picture {i}!!\n")
+    out = tmp_path / "ft.npz"
+    assert train.main(["--init", str(folder), "--data", str(tmp_path / "pairs.csv"), "--steps", "6",
+                       "--batch-size", "8", "--lr", "1e-4", "--warmup", "1", "--log-every", "1",
+                       "--val-frac", "0.25", "--workers", "0", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in open(tmp_path / "ft.metrics.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and all(np.isfinite(losses)) and 99 < records[0]["logit_scale"] <= 100
+    p = run(tmp_path / "img" / "0.png", "--checkpoint", out, "--labels", "picture 0!,picture 1!")
+    assert p.returncode == 0 and "picture 0!" in p.stdout, p.stderr

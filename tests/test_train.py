@@ -310,3 +310,15 @@ def test_shards_train_and_resume_exactly_with_any_workers(tmp_path, capsys):
     a, b = mc.load_checkpoint(tmp_path / "a.npz"), mc.load_checkpoint(tmp_path / "b.npz")
     assert a[2]["step"] == b[2]["step"] == 6
     assert all(np.array_equal(a[0][k], b[0][k]) for k in a[0]) and all(np.array_equal(a[3][k], b[3][k]) for k in a[3])
+
+
+def test_training_clamps_the_logit_scale_after_each_step(tmp_path):
+    """Weights whose t = 5 > ln 100 (the loss does not clamp): after one step, t is ln 100."""
+    start = tmp_path / "start.npz"
+    assert train.main(["--tiny", *SMALL, "--steps", "1", "--out", str(start)]) == 0
+    params, cfg, meta, _ = mc.load_checkpoint(start)
+    params["logit_scale"] = np.array(5.0, dtype=np.float32)
+    mc.save_weights(tmp_path / "hot.npz", params, cfg, meta={"tokenizer": meta["tokenizer"]})
+    assert train.main(["--tiny", *SMALL, "--steps", "1", "--init", str(tmp_path / "hot.npz"),
+                       "--out", str(tmp_path / "c.npz")]) == 0
+    assert float(mc.load_checkpoint(tmp_path / "c.npz")[0]["logit_scale"]) == pytest.approx(np.log(100))

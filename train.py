@@ -304,11 +304,10 @@ def check_args(args):
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for name in ("lr", "weight_decay"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0 and (value > 0 or name != "lr")):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number above 0, got {value}"
-                            if name == "lr" else f"--weight-decay must be finite and at least 0, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a finite number above 0, got {args.lr}")
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be finite and at least 0, got {args.weight_decay}")
     if not 0 <= args.val_frac < 1:
         raise UserError(f"--val-frac must be at least 0 and below 1, got {args.val_frac}")
     data.csv_separator(args.csv_separator)

@@ -180,6 +180,82 @@ def quickgelu_backward(dout, cache):
     return d
 
 
+# erf, which NumPy lacks, for the exact GELU. W. J. Cody, "Rational Chebyshev approximations for the
+# error function", Math. Comp. 23 (1969), 631-637, as in his SPECFUN routine CALERF: three rational
+# functions, each on its own interval, accurate to about 1e-16 in float64. Coefficients are listed
+# from the highest power down, for Horner's rule.
+ERF_NUM = (1.85777706184603153e-1, 3.16112374387056560e00, 1.13864154151050156e02,
+           3.77485237685302021e02, 3.20937758913846947e03)              # erf(x) = x P(x^2)/Q(x^2), |x| <= 0.5
+ERF_DEN = (1.0, 2.36012909523441209e01, 2.44024637934444173e02, 1.28261652607737228e03,
+           2.84423683343917062e03)
+ERFC_NUM = (2.15311535474403846e-8, 5.64188496988670089e-1, 8.88314979438837594e00,
+            6.61191906371416295e01, 2.98635138197400131e02, 8.81952221241769090e02,
+            1.71204761263407058e03, 2.05107837782607147e03, 1.23033935479799725e03)
+ERFC_DEN = (1.0, 1.57449261107098347e01, 1.17693950891312499e02, 5.37181101862009858e02,
+            1.62138957456669019e03, 3.29079923573345963e03, 4.36261909014324716e03,
+            3.43936767414372164e03, 1.23033935480374942e03)     # erfc(y) = e^-y^2 P(y)/Q(y), 0.5 < y <= 4
+ERFC_TAIL_NUM = (1.63153871373020978e-2, 3.05326634961232344e-1, 3.60344899949804439e-1,
+                 1.25781726111229246e-1, 1.60837851487422766e-2, 6.58749161529837803e-4)
+ERFC_TAIL_DEN = (1.0, 2.56852019228982242e00, 1.87295284992346047e00, 5.27905102951428412e-1,
+                 6.05183413124413191e-2, 2.33520497626869185e-3)   # y > 4, in r = 1/y^2, below
+ERF_SPLIT = 0.46875
+
+
+def horner(coeffs, x):
+    """coeffs[0] x^n + coeffs[1] x^(n-1) + ... + coeffs[n]."""
+    out = xp.full_like(x, coeffs[0])
+    for c in coeffs[1:]:
+        out *= x
+        out += c
+    return out
+
+
+def erf(x):
+    """
+    The error function, elementwise, in x's dtype. Every interval's formula runs on the whole array
+    (inputs clipped into its interval so nothing overflows) and xp.where picks one per element:
+        |x| <= 0.46875:      erf(x) = x P1(x^2) / Q1(x^2)
+        0.46875 < y <= 4:    erfc(y) = exp(-y^2) P2(y) / Q2(y)                   y = |x|
+        y > 4:               erfc(y) = exp(-y^2) / y (1/sqrt(pi) - r P3(r) / Q3(r))    r = 1/y^2
+    and erf(x) = sign(x) (1 - erfc(|x|)) outside the first interval.
+    """
+    y = xp.abs(x)
+    small = xp.minimum(y, ERF_SPLIT) ** 2
+    erf_small = x * horner(ERF_NUM, small) / horner(ERF_DEN, small)
+    mid = xp.clip(y, ERF_SPLIT, 4.0)
+    erfc_mid = horner(ERFC_NUM, mid) / horner(ERFC_DEN, mid)
+    far = xp.maximum(y, 4.0)
+    r = 1.0 / (far * far)
+    erfc_far = (1.0 / math.sqrt(math.pi) - r * horner(ERFC_TAIL_NUM, r) / horner(ERFC_TAIL_DEN, r)) / far
+    erfc = xp.where(y <= 4.0, erfc_mid, erfc_far) * xp.exp(-y * y)
+    return xp.where(y <= ERF_SPLIT, erf_small, xp.sign(x) * (1.0 - erfc))
+
+
+def gelu_forward(x):
+    """
+    GELU as PyTorch computes it by default (nn.GELU, approximate="none"; LAION's OpenCLIP models):
+    out = x Phi(x), with Phi the standard normal CDF, Phi(x) = (1 + erf(x / sqrt 2)) / 2. Any shape.
+    """
+    phi = erf(x * (1.0 / math.sqrt(2.0)))
+    phi += 1.0
+    phi *= 0.5
+    return x * phi, (x, phi)
+
+
+def gelu_backward(dout, cache):
+    """d/dx [x Phi(x)] = Phi(x) + x phi(x), with phi(x) = exp(-x^2 / 2) / sqrt(2 pi) the normal density."""
+    x, phi = cache
+    d = xp.exp(x * x * -0.5)
+    d *= x * (1.0 / math.sqrt(2.0 * math.pi))
+    d += phi
+    d *= dout
+    return d
+
+
+# The activations a config can name, by transformers' hidden_act names.
+ACTIVATIONS = {"quick_gelu": (quickgelu_forward, quickgelu_backward), "gelu": (gelu_forward, gelu_backward)}
+
+
 def softmax_forward(x):
     """Softmax over the last axis. Subtracting the row max first keeps exp() from overflowing."""
     e = xp.exp(x - x.max(axis=-1, keepdims=True))
@@ -255,11 +331,11 @@ BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_b
               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
-def block_forward(x, p, n_heads, causal, eps):
+def block_forward(x, p, n_heads, causal, eps, act="quick_gelu"):
     """
     The pre-LayerNorm residual block:
         x = x + attention(ln_1(x))
-        x = x + c_proj(quickgelu(c_fc(ln_2(x))))
+        x = x + c_proj(act(c_fc(ln_2(x))))          act: a key of ACTIVATIONS, quick_gelu in OpenAI's CLIP
     x: (N, T, D); p: the block's 12 parameters keyed by BLOCK_KEYS   ->   (N, T, D)
     """
     h, ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)
@@ -268,9 +344,9 @@ def block_forward(x, p, n_heads, causal, eps):
     x = x + h
     h, ln2 = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], eps)
     h, fc = linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])    # (N, T, F)
-    h, act = quickgelu_forward(h)
+    h, act_cache = ACTIVATIONS[act][0](h)
     h, proj = linear_forward(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (N, T, D)
-    return x + h, (ln1, att, ln2, fc, act, proj)
+    return x + h, (ln1, att, ln2, fc, act, act_cache, proj)
 
 
 def block_backward(dout, cache):
@@ -278,10 +354,10 @@ def block_backward(dout, cache):
     The block read bottom-up. x feeds both the residual path and each branch, so its gradient is the
     sum of the two: dx = dout + (gradient through the branch). Returns (dx, grads keyed by BLOCK_KEYS).
     """
-    ln1, att, ln2, fc, act, proj = cache
+    ln1, att, ln2, fc, act, act_cache, proj = cache
     g = {}
     dh, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = linear_backward(dout, proj)
-    dh = quickgelu_backward(dh, act)
+    dh = ACTIVATIONS[act][1](dh, act_cache)
     dh, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = linear_backward(dh, fc)
     dh, g["ln_2.weight"], g["ln_2.bias"] = layernorm_backward(dh, ln2)
     dx = dout + dh
@@ -297,9 +373,11 @@ class Recompute(NamedTuple):
     n_heads: int
     causal: bool
     eps: float
+    act: str
 
 
-def transformer_forward(x, params, prefix, n_layers, n_heads, causal, eps, keep_cache=True, checkpoint=False):
+def transformer_forward(x, params, prefix, n_layers, n_heads, causal, eps, act, keep_cache=True,
+                        checkpoint=False):
     """
     n_layers blocks in a row; block i reads the keys f"{prefix}resblocks.{i}.*". x: (N, T, D).
     Without keep_cache (inference), each block's activations are freed as soon as the next block has
@@ -312,9 +390,9 @@ def transformer_forward(x, params, prefix, n_layers, n_heads, causal, eps, keep_
     for i in range(n_layers):
         bp = f"{prefix}resblocks.{i}."
         block_in = x
-        x, c = block_forward(x, {k: params[bp + k] for k in BLOCK_KEYS}, n_heads, causal, eps)
+        x, c = block_forward(x, {k: params[bp + k] for k in BLOCK_KEYS}, n_heads, causal, eps, act)
         if checkpoint:
-            caches.append(Recompute(block_in, n_heads, causal, eps))
+            caches.append(Recompute(block_in, n_heads, causal, eps, act))
         elif keep_cache:
             caches.append(c)
     return x, caches
@@ -327,7 +405,7 @@ def transformer_backward(dout, caches, prefix, params, grads):
         cache = caches[i]
         if isinstance(cache, Recompute):                # checkpointed: rebuild this block's cache now
             _, cache = block_forward(cache.x, {k: params[bp + k] for k in BLOCK_KEYS}, cache.n_heads,
-                                     cache.causal, cache.eps)
+                                     cache.causal, cache.eps, cache.act)
         dout, g = block_backward(dout, cache)
         for k, v in g.items():
             grads[bp + k] = v
@@ -534,6 +612,11 @@ class Config:
     text_heads: int = 8
     embed_dim: int = 512           # E, the joint image-text space
     layer_norm_eps: float = 1e-5
+    activation: str = "quick_gelu"  # the MLP's: "quick_gelu" (OpenAI) or "gelu" (most LAION models)
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
 
     @classmethod
     def from_dict(cls, d):
@@ -647,8 +730,8 @@ def encode_image_forward(params, cfg, pixels, keep_cache=True, checkpoint=False)
     x, emb = embed_image_forward(patches, params["visual.conv1.weight"],
                                  params["visual.class_embedding"], params["visual.positional_embedding"])
     x, ln_pre = layernorm_forward(x, params["visual.ln_pre.weight"], params["visual.ln_pre.bias"], eps)
-    x, blocks = transformer_forward(x, params, "visual.transformer.", cfg.vision_layers,
-                                    cfg.vision_heads, False, eps, keep_cache, checkpoint)  # (N, 1+G*G, Dv)
+    x, blocks = transformer_forward(x, params, "visual.transformer.", cfg.vision_layers, cfg.vision_heads,
+                                    False, eps, cfg.activation, keep_cache, checkpoint)  # (N, 1+G*G, Dv)
     cls = x[:, 0]                                                       # (N, Dv): the class token
     cls, ln_post = layernorm_forward(cls, params["visual.ln_post.weight"], params["visual.ln_post.bias"], eps)
     feat = cls @ params["visual.proj"]                                  # (N, E)
@@ -679,7 +762,7 @@ def encode_text_forward(params, cfg, ids, keep_cache=True, checkpoint=False):
     eps = cfg.layer_norm_eps
     x, emb = embed_tokens_forward(ids, params["token_embedding.weight"], params["positional_embedding"])
     x, blocks = transformer_forward(x, params, "transformer.", cfg.text_layers, cfg.text_heads, True, eps,
-                                    keep_cache, checkpoint)
+                                    cfg.activation, keep_cache, checkpoint)
     x, pool = eot_pool_forward(x, ids)                                  # (N, Dt)
     x, ln_final = layernorm_forward(x, params["ln_final.weight"], params["ln_final.bias"], eps)
     feat = x @ params["text_projection"]                                # (N, E)
@@ -1013,9 +1096,10 @@ def config_from_hf(d, source):
     """A Config from a transformers config.json dict."""
     try:
         t, v = d["text_config"], d["vision_config"]
-        for name, c in (("text", t), ("vision", v)):
-            if c.get("hidden_act", "quick_gelu") != "quick_gelu":
-                raise ValueError(f"{name} tower uses {c['hidden_act']!r}; miniclip implements quick_gelu only")
+        acts = {c.get("hidden_act", "quick_gelu") for c in (t, v)}
+        if len(acts) > 1 or not acts <= set(ACTIVATIONS):
+            raise ValueError(f"{source}: hidden_act {sorted(acts)}: miniclip runs one of {sorted(ACTIVATIONS)}, "
+                             "the same in both towers")
         return Config(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
                       vision_width=v.get("hidden_size", 768), vision_layers=v.get("num_hidden_layers", 12),
                       vision_heads=v.get("num_attention_heads", 12),
@@ -1023,7 +1107,7 @@ def config_from_hf(d, source):
                       vocab_size=t.get("vocab_size", 49408), text_width=t.get("hidden_size", 512),
                       text_layers=t.get("num_hidden_layers", 12), text_heads=t.get("num_attention_heads", 8),
                       embed_dim=d.get("projection_dim", 512),
-                      layer_norm_eps=v.get("layer_norm_eps", 1e-5))
+                      layer_norm_eps=v.get("layer_norm_eps", 1e-5), activation=acts.pop())
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{source}: not a CLIP config.json ({e})") from None
 

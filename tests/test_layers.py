@@ -54,6 +54,27 @@ def test_quickgelu():
     check(mc.quickgelu_forward, mc.quickgelu_backward, [randn(4, 6) * 3], [0])
 
 
+def test_erf_matches_math_erf():
+    """Cody's approximation to the last bits of float64, on and across each interval's boundaries."""
+    x = np.concatenate([np.linspace(-12, 12, 48001), [0.0, -0.0, 1e-300, 0.46875, -0.46875, 4.0, -4.0, 30.0]])
+    x = np.concatenate([x, np.nextafter(x, np.inf)])
+    ref = np.array([math.erf(v) for v in x])
+    assert np.abs(mc.erf(x) - ref).max() < 1e-15
+    assert np.array_equal(mc.erf(np.array([np.inf, -np.inf])), [1.0, -1.0])
+    assert np.isnan(mc.erf(np.array([np.nan]))).all()
+
+
+def test_gelu():
+    x = np.concatenate([randn(4, 6) * 3, [[0.0, 0.3, -0.5, 4.5, -6.0, 9.0]]])   # every interval of erf
+    check(mc.gelu_forward, mc.gelu_backward, [x], [0])
+
+
+def test_gelu_is_the_normal_cdf_times_x():
+    x = randn(50) * 4
+    want = [v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x]
+    assert np.abs(mc.gelu_forward(x)[0] - want).max() < 1e-15
+
+
 def test_softmax():
     check(mc.softmax_forward, mc.softmax_backward, [randn(3, 5, 6)], [0])
 
@@ -84,7 +105,8 @@ def test_causal_attention_ignores_the_future():
     assert np.array_equal(out1[:, :4], out2[:, :4]) and not np.allclose(out1[:, 4:], out2[:, 4:])
 
 
-def test_block():
+@pytest.mark.parametrize("act", sorted(mc.ACTIVATIONS))
+def test_block(act):
     N, T, D, H = 2, 4, 8, 2
     keys = mc.BLOCK_KEYS
     shapes = {"ln_1.weight": (D,), "ln_1.bias": (D,), "attn.in_proj_weight": (3 * D, D),
@@ -92,7 +114,7 @@ def test_block():
               "ln_2.weight": (D,), "ln_2.bias": (D,), "mlp.c_fc.weight": (4 * D, D),
               "mlp.c_fc.bias": (4 * D,), "mlp.c_proj.weight": (D, 4 * D), "mlp.c_proj.bias": (D,)}
     inputs = [randn(N, T, D)] + [randn(*shapes[k], seed=i) * 0.5 for i, k in enumerate(keys)]
-    fwd = lambda x, *p: mc.block_forward(x, dict(zip(keys, p)), H, True, 1e-5)
+    fwd = lambda x, *p: mc.block_forward(x, dict(zip(keys, p)), H, True, 1e-5, act)
 
     def bwd(d, cache):
         dx, g = mc.block_backward(d, cache)

@@ -1,4 +1,5 @@
 """The whole model: its gradient against central differences, and sanity checks on the loss."""
+import dataclasses
 import math
 
 import numpy as np
@@ -24,16 +25,17 @@ def batch(cfg, N, seed=0):
 
 
 @pytest.mark.parametrize("logit_scale", [math.log(1 / 0.07), math.log(100)])
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_model_gradient(logit_scale, checkpoint):
+@pytest.mark.parametrize("checkpoint, act", [(False, "quick_gelu"), (True, "quick_gelu"), (False, "gelu")])
+def test_model_gradient(logit_scale, checkpoint, act):
     """Every parameter tensor, up to 12 sampled entries each, float64, relative error < 1e-5."""
-    params = mc.init_params(MICRO, seed=1, dtype=np.float64)
+    cfg = dataclasses.replace(MICRO, activation=act)
+    params = mc.init_params(cfg, seed=1, dtype=np.float64)
     params["logit_scale"][...] = logit_scale
-    pixels, ids = batch(MICRO, 4)
-    loss, grads = mc.loss_and_grads(params, MICRO, pixels, ids, checkpoint)
+    pixels, ids = batch(cfg, 4)
+    loss, grads = mc.loss_and_grads(params, cfg, pixels, ids, checkpoint)
     assert set(grads) == set(params)
     rng = np.random.default_rng(0)
-    f = lambda: mc.loss_and_grads(params, MICRO, pixels, ids)[0]
+    f = lambda: mc.loss_and_grads(params, cfg, pixels, ids)[0]
     worst = {}
     for name, p in params.items():
         g = np.asarray(grads[name]).reshape(-1)

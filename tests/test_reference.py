@@ -1,5 +1,5 @@
 """
-miniclip against transformers' CLIPModel (QuickGELU, eager attention) on random weights, saved with
+miniclip against transformers' CLIPModel (QuickGELU or exact GELU, eager attention) on random weights, saved with
 save_pretrained and read back with load_weights: features, loss, every parameter's gradient, and image
 preprocessing. Skipped when torch/transformers are missing, except in CI (see conftest.reference).
 """
@@ -17,6 +17,7 @@ torch.set_num_threads(2)
 CONFIGS = {
     "heads8-16": dict(text=(48, 6), vision=(64, 4), patch=8, image=24, layers=2, vocab=300, context=12),
     "heads6-10": dict(text=(36, 6), vision=(40, 4), patch=7, image=28, layers=3, vocab=120, context=9),
+    "gelu": dict(text=(48, 6), vision=(64, 4), patch=8, image=24, layers=2, vocab=300, context=12, act="gelu"),
 }
 
 
@@ -27,10 +28,10 @@ def hf_model(tmp_path, spec, seed=0):
         text_config=dict(vocab_size=spec["vocab"], hidden_size=tw, intermediate_size=4 * tw,
                          num_hidden_layers=spec["layers"], num_attention_heads=th,
                          max_position_embeddings=spec["context"], eos_token_id=spec["vocab"] - 1,
-                         bos_token_id=spec["vocab"] - 2, hidden_act="quick_gelu"),
+                         bos_token_id=spec["vocab"] - 2, hidden_act=spec.get("act", "quick_gelu")),
         vision_config=dict(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=spec["layers"],
                            num_attention_heads=vh, image_size=spec["image"], patch_size=spec["patch"],
-                           hidden_act="quick_gelu"),
+                           hidden_act=spec.get("act", "quick_gelu")),
         projection_dim=16, attn_implementation="eager")
     model = transformers.CLIPModel(config).eval()
     with torch.no_grad():                               # non-trivial gains, biases and temperature
@@ -64,6 +65,7 @@ def test_features_loss_and_gradients_match_transformers(tmp_path, name):
     model = hf_model(tmp_path, spec)
     params, cfg = mc.load_weights(tmp_path)
     assert (cfg.text_heads, cfg.vision_heads) == (spec["text"][1], spec["vision"][1])
+    assert cfg.activation == spec.get("act", "quick_gelu")
     pixels, ids = inputs(spec)
 
     with torch.no_grad():

@@ -896,7 +896,7 @@ class AdamW:
 
 
 # -----------------------------------------------------------------------------
-# Weights I/O: our own .npz checkpoints, and Hugging Face's safetensors folders.
+# Weights I/O: our own .npz checkpoints, and the safetensors folders of Hugging Face and open_clip.
 
 FORMAT_VERSION = 1
 META_KEY = "__meta__"          # our .npz holds its JSON metadata as a uint8 array under this name
@@ -1093,7 +1093,7 @@ def config_from_params(params):
 
 
 def config_from_hf(d, source):
-    """A Config from a transformers config.json dict."""
+    """A Config from a transformers config.json dict (CLIPConfig's, with text_config and vision_config)."""
     try:
         t, v = d["text_config"], d["vision_config"]
         acts = {c.get("hidden_act", "quick_gelu") for c in (t, v)}
@@ -1112,43 +1112,127 @@ def config_from_hf(d, source):
         raise ValueError(f"{source}: not a CLIP config.json ({e})") from None
 
 
-def load_hf(path):
-    """A Hugging Face CLIP folder, or its model.safetensors with config.json beside it if there is one."""
-    path = os.fspath(path)
-    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
-    folder = os.path.dirname(file)
-    if not os.path.isfile(file):
-        raise ValueError(f"{path}: no model.safetensors there (pytorch_model.bin is not read: it is a pickle)")
-    hf = read_safetensors(file)
-    hf = {k.removeprefix("clip."): v for k, v in hf.items() if not k.endswith("position_ids")}
+# open_clip's configs (open_clip_config.json's "model_cfg", or a file of open_clip's model_configs/):
+# the defaults of its CLIPVisionCfg and CLIPTextCfg, and the options that change the architecture away
+# from OpenAI's, with the value that keeps it. A config that sets one of them otherwise is refused.
+OPEN_CLIP_VISION = {"layers": 12, "width": 768, "head_width": 64, "patch_size": 16, "image_size": 224}
+OPEN_CLIP_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
+OPEN_CLIP_SAME_AS_OPENAI = {
+    "vision_cfg": {"mlp_ratio": 4.0, "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
+                   "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",
+                   "timm_model_name": None, "qk_norm": False, "scaled_cosine_attn": False,
+                   "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False},
+    "text_cfg": {"mlp_ratio": 4.0, "ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
+                 "final_ln_after_pool": False, "pool_type": "argmax", "proj_bias": False, "proj_type": "linear",
+                 "hf_model_name": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
+                 "scale_attn_inner": False, "scale_attn": False, "scale_fc": False},
+}
+
+
+def config_from_open_clip(d, source):
+    """A Config from open_clip_config.json (or a bare model config): the towers OpenAI's CLIP has."""
     try:
-        params = hf_to_openai(hf)
-    except KeyError as e:
-        raise ValueError(f"{file}: not a CLIP model: tensor {e} is missing") from None
-    cfg_file = os.path.join(folder, "config.json")
-    if os.path.isfile(cfg_file):
-        try:
-            with open(cfg_file) as f:
-                cfg = config_from_hf(json.load(f), cfg_file)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+        m = d.get("model_cfg", d)
+        v, t = m["vision_cfg"], m["text_cfg"]
+        for part, cfg in (("vision_cfg", v), ("text_cfg", t)):
+            for key, same in OPEN_CLIP_SAME_AS_OPENAI[part].items():
+                if cfg.get(key, same) != same:
+                    raise ValueError(f"{part}.{key} = {cfg[key]!r}: miniclip implements only OpenAI's "
+                                     f"architecture ({key} = {same!r})")
+        if isinstance(v.get("layers"), (list, tuple)):
+            raise ValueError("a ResNet image tower (vision_cfg.layers is a list): miniclip implements the ViT")
+        v, t = {**OPEN_CLIP_VISION, **v}, {**OPEN_CLIP_TEXT, **t}
+        size = v["image_size"]
+        if isinstance(size, (list, tuple)):
+            if len(set(size)) != 1:
+                raise ValueError(f"image_size {size}: miniclip takes square images")
+            size = size[0]
+        eps = {c.get("norm_kwargs", {}).get("eps", 1e-5) for c in (v, t)}
+        if len(eps) > 1:
+            raise ValueError(f"LayerNorm eps differs between the towers ({sorted(eps)})")
+        return Config(image_size=size, patch_size=v["patch_size"], vision_width=v["width"],
+                      vision_layers=v["layers"], vision_heads=v["width"] // v["head_width"],
+                      context_length=t["context_length"], vocab_size=t["vocab_size"], text_width=t["width"],
+                      text_layers=t["layers"], text_heads=t["heads"], embed_dim=m["embed_dim"],
+                      layer_norm_eps=eps.pop(), activation="quick_gelu" if m.get("quick_gelu") else "gelu")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{source}: not an open_clip config ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# The weights file of each folder layout we read, and the config beside it.
+HF_FILES = ("model.safetensors", "config.json")
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_config.json")
+
+
+def load_safetensors_model(file):
+    """
+    (params, cfg) from a CLIP safetensors file under either family of names: transformers' CLIPModel
+    ("vision_model.*", read with config.json beside it) or OpenAI's, which open_clip uses ("visual.*",
+    read with open_clip_config.json). Without its config file, the shape comes from the tensors' shapes.
+    """
+    tensors = read_safetensors(file)
+    folder = os.path.dirname(os.path.abspath(file))
+    if any(k.startswith(("visual.", "text.")) for k in tensors):             # OpenAI's and open_clip's names
+        # open_clip's CustomTextCLIP keeps the text tower under "text."; its tensors are OpenAI's below it.
+        params = {k.removeprefix("text."): v for k, v in tensors.items()}
+        if params.get("logit_scale", numpy.empty(0)).size == 1:             # a scalar, stored as () or (1,)
+            params["logit_scale"] = params["logit_scale"].reshape(())
+        cfg_file, from_json = os.path.join(folder, OPEN_CLIP_FILES[1]), config_from_open_clip
     else:
-        cfg = config_from_params(params)
+        hf = {k.removeprefix("clip."): v for k, v in tensors.items() if not k.endswith("position_ids")}
+        try:
+            params = hf_to_openai(hf)
+        except KeyError as e:
+            raise ValueError(f"{file}: not a CLIP model: tensor {e} is missing") from None
+        cfg_file, from_json = os.path.join(folder, HF_FILES[1]), config_from_hf
+    if os.path.isfile(cfg_file):
+        cfg = from_json(read_json(cfg_file), cfg_file)
+    else:
+        try:
+            cfg = config_from_params(params)
+        except KeyError as e:
+            raise ValueError(f"{file}: not a CLIP model: tensor {e} is missing") from None
     check_params(params, cfg, file)
     return params, cfg
 
 
+def weights_file(path):
+    """The safetensors file of a model folder in either layout (Hugging Face's first), or path itself."""
+    if not os.path.isdir(path):
+        return path
+    for name, _ in (HF_FILES, OPEN_CLIP_FILES):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise ValueError(f"{path}: neither {HF_FILES[0]} nor {OPEN_CLIP_FILES[0]} there "
+                     "(pytorch_model.bin and open_clip_pytorch_model.bin are not read: they are pickles)")
+
+
+def model_folder(path):
+    """The folder of a model: path itself, or the folder of the weights file it names."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
 def load_weights(path, dtype=numpy.float32):
     """
-    (params, cfg) from our .npz checkpoint, a Hugging Face CLIP folder, or a model.safetensors file,
-    with params as arrays of the current backend. Raises ValueError with a readable message on a bad
-    or foreign file.
+    (params, cfg) from our .npz checkpoint, a Hugging Face or open_clip model folder, or the
+    safetensors file in one, with params as arrays of the current backend. Raises ValueError with a
+    readable message on a bad or foreign file.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file or directory")
     if os.path.isdir(path) or path.endswith(".safetensors"):
-        params, cfg = load_hf(path)
+        params, cfg = load_safetensors_model(weights_file(path))
     else:
         params, cfg, _, _ = load_checkpoint(path)
     return {k: xp.asarray(v, dtype=dtype) for k, v in params.items()}, cfg

@@ -345,7 +345,7 @@ def load_model(args):
     params, cfg = mc.load_weights(args.init)
     if tok is None:
         if os.path.isdir(args.init) or args.init.endswith(".safetensors"):
-            tok = bpe.load(args.init if os.path.isdir(args.init) else os.path.dirname(os.path.abspath(args.init)))
+            tok = bpe.load(mc.model_folder(args.init))
         else:
             tok = bpe.from_list(mc.load_checkpoint(args.init)[2]["tokenizer"])
     return params, cfg, tok
@@ -606,8 +606,8 @@ def parse_args(argv=None):
     src.add_argument("--workers", type=int, default=2, help="processes decoding images in the background (default 2)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="tiny", choices=sorted(mc.PRESETS), help="model shape (default: tiny)")
-    m.add_argument("--init", help="start from these weights (our checkpoint or a Hugging Face CLIP folder); "
-                   "their shape replaces --preset")
+    m.add_argument("--init", help="start from these weights (our checkpoint, or a CLIP folder in Hugging Face's or "
+                   "open_clip's layout); their shape replaces --preset")
     m.add_argument("--tokenizer", help="a tokenizer file for bpe.load; default: train one on the captions")
     m.add_argument("--vocab-size", type=int, help="vocabulary size when training the tokenizer")
     o = p.add_argument_group("optimization")

@@ -30,9 +30,8 @@ def load_model(args):
     """(params, cfg, tokenizer, labels, templates, preprocessing settings) from --weights or --checkpoint."""
     if args.weights:
         params, cfg = mc.load_weights(args.weights)
-        folder = args.weights if os.path.isdir(args.weights) else os.path.dirname(os.path.abspath(args.weights))
-        tok = bpe.load(folder)
-        return params, cfg, tok, None, [DEFAULT_TEMPLATE], read_preprocessor(folder, cfg)
+        folder = mc.model_folder(args.weights)
+        return params, cfg, bpe.load(folder), None, [DEFAULT_TEMPLATE], read_preprocessor(folder, cfg)
     path = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.exists(path):
         if args.checkpoint:
@@ -48,23 +47,36 @@ def load_model(args):
 
 
 def read_preprocessor(folder, cfg):
-    """(resize, crop, mean, std) from a Hugging Face preprocessor_config.json, or CLIP's defaults."""
-    path = os.path.join(folder, "preprocessor_config.json")
+    """
+    (resize, crop, mean, std): from a Hugging Face preprocessor_config.json, else from the
+    "preprocess_cfg" of an open_clip_config.json, else CLIP's defaults. Both families resize the short
+    side with bicubic filtering and take the centered square, as mc.preprocess does.
+    """
     size, crop, mean, std = cfg.image_size, cfg.image_size, mc.CLIP_MEAN, mc.CLIP_STD
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                pc = json.load(f)
+    hf, oc = os.path.join(folder, "preprocessor_config.json"), os.path.join(folder, mc.OPEN_CLIP_FILES[1])
+    path = hf if os.path.isfile(hf) else oc if os.path.isfile(oc) else None
+    try:
+        if path == hf:
+            pc = mc.read_json(hf)
             size = pc.get("size", size)
             size = size.get("shortest_edge", size) if isinstance(size, dict) else size
             crop = pc.get("crop_size", crop)
             crop = crop.get("height", crop) if isinstance(crop, dict) else crop
             mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
-        except (OSError, ValueError, AttributeError) as e:
-            raise UserError(f"{path}: not a readable preprocessor config ({e})") from None
+        elif path == oc:
+            pc = mc.read_json(oc).get("preprocess_cfg", {})
+            for key, ours in (("interpolation", "bicubic"), ("resize_mode", "shortest")):
+                if pc.get(key, ours) != ours:
+                    raise UserError(f"{oc}: preprocess_cfg {key} {pc[key]!r}; zeroshot.py resizes as {ours!r}")
+            mean, std = tuple(pc.get("mean", mean)), tuple(pc.get("std", std))
+        size, crop = int(size), int(crop)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean {mean} and std {std} need 3 values each")
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise UserError(f"{path}: not a readable preprocessing config ({e})") from None
     if crop != cfg.image_size:
         raise UserError(f"{path}: crops {crop} pixels but the model takes {cfg.image_size}")
-    return int(size), int(crop), mean, std
+    return size, crop, mean, std
 
 
 def read_labels(args, default):
@@ -112,7 +124,7 @@ def main(argv=None):
     p.add_argument("images", nargs="+", help="image files")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--checkpoint", help=f"a checkpoint from train.py (default: {DEFAULT_CHECKPOINT})")
-    w.add_argument("--weights", help="a Hugging Face CLIP folder, or its model.safetensors")
+    w.add_argument("--weights", help="a CLIP model folder, Hugging Face's or open_clip's layout, or its .safetensors file")
     lab = p.add_mutually_exclusive_group()
     lab.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,car"')
     lab.add_argument("--labels-file", help="a file with one label per line")

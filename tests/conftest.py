@@ -78,3 +78,48 @@ def open_clip_file(name):
                         "(pip install --no-deps open-clip-torch==3.3.0)", pytrace=False)
         pytest.skip("open_clip_torch is not installed (pip install --no-deps open-clip-torch==3.3.0)")
     return path
+
+
+def clip_folders(folder, act="quick_gelu", width=64, layers=2, heads=2, image=64, patch=16, proj=32,
+                 logit_scale=None, seed=0):
+    """
+    A random-weight CLIP written twice, as published checkpoints are: folder/"hf", transformers'
+    save_pretrained with CLIP's vocabulary and image processor, and folder/"open_clip", the same tensors
+    under OpenAI's names in open_clip_model.safetensors beside open_clip_config.json and the same
+    tokenizer files. Returns (the transformers model, the hf folder, the open_clip folder).
+    """
+    import json
+    import shutil
+
+    import bpe
+    import miniclip as mc
+    torch, transformers = reference("torch"), reference("transformers")
+    safetensors_numpy = reference("safetensors.numpy")
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                 num_attention_heads=heads, hidden_act=act)
+    config = transformers.CLIPConfig(text_config=tower, vision_config=dict(tower, image_size=image, patch_size=patch),
+                                     projection_dim=proj, attn_implementation="eager",
+                                     **({"logit_scale_init_value": logit_scale} if logit_scale else {}))
+    model = transformers.CLIPModel(config).eval()
+    hf, oc = folder / "hf", folder / "open_clip"
+    model.save_pretrained(hf)
+    bpe.load(open_clip_file("bpe_simple_vocab_16e6.txt.gz")).save_hf(hf)
+    transformers.CLIPImageProcessorPil(size={"shortest_edge": image}, crop_size={"height": image, "width": image}) \
+        .save_pretrained(hf)
+
+    os.makedirs(oc)
+    tensors = mc.hf_to_openai({k: v.numpy() for k, v in model.state_dict().items()})
+    safetensors_numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                str(oc / "open_clip_model.safetensors"))
+    model_cfg = {"embed_dim": proj, "quick_gelu": act == "quick_gelu",
+                 "vision_cfg": {"image_size": image, "layers": layers, "width": width,
+                                "head_width": width // heads, "patch_size": patch},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": heads,
+                              "layers": layers}}
+    preprocess_cfg = {"mean": list(mc.CLIP_MEAN), "std": list(mc.CLIP_STD), "interpolation": "bicubic",
+                      "resize_mode": "shortest"}
+    (oc / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(hf / name, oc / name)
+    return model, hf, oc

@@ -94,7 +94,7 @@ def test_safetensors_without_clip_tensors(tmp_path):
 def test_missing_weights_path(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         mc.load_weights(tmp_path / "nothing.npz")
-    with pytest.raises(ValueError, match="no model.safetensors"):
+    with pytest.raises(ValueError, match="neither model.safetensors nor open_clip_model.safetensors"):
         mc.load_weights(tmp_path)
 
 
@@ -104,3 +104,49 @@ def test_config_inferred_from_shapes_matches_presets():
         shapes = mc.param_shapes(cfg)
         fake = {k: np.empty(s, dtype=np.float32) if s else np.empty((), np.float32) for k, s in shapes.items()}
         assert mc.config_from_params(fake) == cfg, name
+
+
+# open_clip_config.json's model_cfg for ViT-B-32-quickgelu, as open_clip writes it.
+OPEN_CLIP_B32 = {"embed_dim": 512, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}
+
+
+def test_open_clip_config():
+    assert mc.config_from_open_clip({"model_cfg": OPEN_CLIP_B32}, "x") == mc.PRESETS["ViT-B/32"]
+    assert mc.config_from_open_clip(OPEN_CLIP_B32, "x") == mc.PRESETS["ViT-B/32"]   # a bare model config too
+    # LAION's ViT-H-14: 80-wide heads, exact GELU (quick_gelu absent), open_clip's default patch of 16 unused.
+    h14 = {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80,
+                                             "patch_size": 14},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}}
+    cfg = mc.config_from_open_clip(h14, "x")
+    assert (cfg.vision_heads, cfg.text_heads, cfg.patch_size, cfg.activation) == (16, 16, 14, "gelu")
+    assert mc.config_from_open_clip({"embed_dim": 512, "vision_cfg": {}, "text_cfg": {}}, "x").patch_size == 16
+
+
+@pytest.mark.parametrize("change, message", [
+    (("vision_cfg", "layers", [3, 4, 6, 3]), "ResNet image tower"),
+    (("vision_cfg", "no_ln_pre", True), "vision_cfg.no_ln_pre = True"),
+    (("vision_cfg", "image_size", [224, 192]), "square"),
+    (("text_cfg", "pool_type", "last"), "text_cfg.pool_type = 'last'"),
+    (("text_cfg", "hf_model_name", "xlm-roberta-base"), "text_cfg.hf_model_name"),
+    (("text_cfg", "norm_kwargs", {"eps": 1e-6}), "eps differs"),
+])
+def test_open_clip_config_refuses_other_architectures(change, message):
+    part, key, value = change
+    cfg = {**OPEN_CLIP_B32, part: {**OPEN_CLIP_B32[part], key: value}}
+    with pytest.raises(ValueError, match=message):
+        mc.config_from_open_clip(cfg, "open_clip_config.json")
+    with pytest.raises(ValueError, match="not an open_clip config"):
+        mc.config_from_open_clip({"model_cfg": {"embed_dim": 512}}, "open_clip_config.json")
+
+
+def test_open_clip_folder_loads_the_same_tensors(tmp_path):
+    """Both layouts of one model give the same parameters and config; the folder's own file is found."""
+    from conftest import clip_folders
+    _, hf, oc = clip_folders(tmp_path, "gelu", width=32, layers=1, image=32, patch=8, proj=16)
+    (p1, c1), (p2, c2) = mc.load_weights(hf), mc.load_weights(oc)
+    assert c1 == c2 and c1.activation == "gelu" and set(p1) == set(p2)
+    assert all(np.array_equal(p1[k], p2[k]) for k in p1)
+    p3, _ = mc.load_weights(oc / "open_clip_model.safetensors")
+    assert all(np.array_equal(p1[k], p3[k]) for k in p1)

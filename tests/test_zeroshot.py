@@ -174,28 +174,20 @@ def test_whole_call_errors(tiny, sample, tmp_path):
     assert p.returncode == 1 and "has no {}" in p.stderr
 
 
-def test_weights_folder_matches_transformers(tmp_path):
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("layout", ["hf", "open_clip"])
+def test_weights_folder_matches_transformers(tmp_path, layout, act):
     """
-    A random-weight Hugging Face CLIP folder with CLIP's real vocabulary (49,408 tokens) and context 77:
-    zeroshot.py --weights gives the probabilities of transformers' CLIPModel and its processors.
+    A random-weight CLIP with CLIP's real vocabulary (49,408 tokens) and context 77, written in Hugging
+    Face's layout and in open_clip's: zeroshot.py --weights gives the probabilities of transformers'
+    CLIPModel and its processors, for OpenAI's QuickGELU and for the exact GELU of LAION's models.
     """
-    from conftest import open_clip_file, reference
+    from conftest import clip_folders, reference
     torch = reference("torch")
     transformers = reference("transformers")
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                         hidden_act="quick_gelu"),
-        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=64, patch_size=16, hidden_act="quick_gelu"),
-        projection_dim=32, attn_implementation="eager")
-    model = transformers.CLIPModel(config).eval()
-    assert (config.text_config.vocab_size, config.text_config.max_position_embeddings) == (49408, 77)
-    folder = tmp_path / "clip"
-    model.save_pretrained(folder)
-    bpe.load(open_clip_file("bpe_simple_vocab_16e6.txt.gz")).save_hf(folder)
-    transformers.CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}) \
-        .save_pretrained(folder)
+    model, hf, oc = clip_folders(tmp_path, act)
+    folder = {"hf": hf, "open_clip": oc}[layout]
+    assert (model.config.text_config.vocab_size, model.config.text_config.max_position_embeddings) == (49408, 77)
 
     image = tmp_path / "odd.jpg"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (71, 97, 3), dtype=np.uint8)).save(image)
@@ -204,8 +196,8 @@ def test_weights_folder_matches_transformers(tmp_path):
     assert p.returncode == 0, p.stderr
     got = {d["label"]: d["prob"] for d in json.loads(p.stdout)["predictions"]}
 
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
-    processor = transformers.CLIPImageProcessorPil.from_pretrained(str(folder))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(hf))
+    processor = transformers.CLIPImageProcessorPil.from_pretrained(str(hf))
     text = tokenizer([f"a photo of a {label}." for label in labels], padding=True, return_tensors="pt")
     pixels = processor(images=Image.open(image), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -213,25 +205,17 @@ def test_weights_folder_matches_transformers(tmp_path):
     assert np.abs(np.array([got[label] for label in labels]) - want).max() < 1e-4
 
 
-def test_fine_tune_a_hugging_face_folder_at_scale_100_on_captions_with_a_bang(tmp_path):
+@pytest.mark.parametrize("layout", ["hf", "open_clip"])
+def test_fine_tune_a_published_folder_at_scale_100_on_captions_with_a_bang(tmp_path, layout):
     """
     The path a user takes after --tiny: published-style weights (logit scale 100, CLIP's vocabulary),
     a CSV whose captions contain "!", a few steps of fine-tuning with finite losses, and zeroshot.py
     reading the result.
     """
-    from conftest import open_clip_file, reference
-    torch = reference("torch")
-    transformers = reference("transformers")
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                         hidden_act="quick_gelu"),
-        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8, hidden_act="quick_gelu"),
-        projection_dim=16, logit_scale_init_value=float(np.log(100)))
-    folder = tmp_path / "clip"
-    transformers.CLIPModel(config).save_pretrained(folder)
-    bpe.load(open_clip_file("bpe_simple_vocab_16e6.txt.gz")).save_hf(folder)
+    from conftest import clip_folders
+    _, hf, oc = clip_folders(tmp_path, width=32, layers=1, image=32, patch=8, proj=16,
+                             logit_scale=float(np.log(100)))
+    folder = {"hf": hf, "open_clip": oc}[layout]
     rng = np.random.default_rng(0)
     os.makedirs(tmp_path / "img")
     with open(tmp_path / "pairs.csv", "w") as f:

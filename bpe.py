@@ -12,12 +12,10 @@ in the order they were learned. CLIP's variant has four details that a published
    at its end are different symbols. The decoder turns "</w>" back into a space.
 3. Pre-tokenizing. A regex cuts text into words first (contractions, runs of letters, single digits,
    runs of other symbols; whitespace is dropped), and merges never cross a word's boundary.
-4. Cleaning. Text is HTML-unescaped twice, whitespace is collapsed and stripped, and everything is
-   lowercased. OpenAI also runs ftfy.fix_text first, which repairs mojibake (UTF-8 decoded as
-   Latin-1), normalizes to NFC, straightens curly quotes, splits Latin ligatures (ﬁ -> fi) and
-   narrows full-width ASCII (Ｈ -> H). We do those last four, which are cheap table lookups. Mojibake
-   and ftfy's rarer fixes (half-width katakana, terminal escapes) stay as they are, so such text can
-   tokenize differently from OpenAI's tokenizer; ordinary text does not.
+4. Cleaning. ftfy's fixed rules run first (curly quotes straightened, ligatures split, full-width
+   letters narrowed, NFC, ...; see fix_text), then text is HTML-unescaped twice, whitespace is
+   collapsed and stripped, and everything is lowercased. ftfy's mojibake repair (UTF-8 that was
+   decoded as Latin-1, "cafÃ©") is left out: such text tokenizes as it is written.
 
 The vocabulary is laid out as CLIP's is: the 256 byte symbols, the same 256 with "</w>", one symbol
 per merge, and then <|startoftext|> and <|endoftext|>, which take the two highest ids. The model finds
@@ -26,6 +24,7 @@ the end of a text as the position of the highest id, so that order matters.
 import gzip
 import heapq
 import html
+import html.entities
 import json
 import os
 import unicodedata
@@ -56,22 +55,132 @@ def bytes_to_unicode():
 
 BYTE_TO_CHAR = bytes_to_unicode()                       # in CLIP's vocabulary order: printable bytes first
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
-# What clean() takes from ftfy: straight quotes, split ligatures, and full-width ASCII made narrow.
-FTFY_TABLE = str.maketrans({
-    "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
-    "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb05": "\u017ft", "\ufb06": "st",
-    **{chr(c): chr(c - 0xFF01 + 0x21) for c in range(0xFF01, 0xFF5F)},
-})
+# -----------------------------------------------------------------------------
+# Cleaning. OpenAI's tokenizer runs ftfy.fix_text (ftfy 6, default settings) on every text. Its fixes
+# are of two kinds. Mojibake repair guesses, from statistics of how text is usually garbled, that
+# "cafÃ©" was UTF-8 read as Latin-1; we leave that out (it needs ftfy's tables of encodings and its
+# "badness" heuristics). Everything else is a fixed rule, and fix_text below applies each one in
+# ftfy's order, so on any text that needs no mojibake repair the ids equal OpenAI's:
+#   1. HTML entities, "&amp;" -> "&" (only before the first line that holds a "<": that text may be HTML)
+#   2. C1 control characters U+0080-U+009F read as the Windows-1252 bytes they usually were ("\x93" -> '“')
+#   3. Latin ligatures and digraphs split ("ﬁ" -> "fi", "ĳ" -> "ij"); "æ" and "œ" are letters and stay
+#   4. full-width and half-width forms made normal width ("Ｈ" -> "H", "ｶ" -> "カ"), the ideographic space too
+#   5. curly quotes straightened (U+2018-U+201B and U+02BC -> "'", U+201C-U+201F -> '"')
+#   6. line breaks ("\r\n", "\r", U+2028, U+2029, U+0085) made "\n"
+#   7. UTF-16 surrogates: a pair joined into its character, a lone one replaced by U+FFFD
+#   8. terminal color codes ("\x1b[31m") removed
+#   9. control characters removed, except the whitespace ones (tab, newline, form feed, carriage return)
+#  10. NFC normalization
+# ftfy repeats the ten until nothing changes, on each line of the text separately.
+
+
+def windows_1252(byte):
+    """The character a Windows-1252 decoder gives a byte, or Latin-1's where that codec has none (0x81...)."""
+    try:
+        return bytes([byte]).decode("cp1252")
+    except UnicodeDecodeError:
+        return chr(byte)
+
+
+LIGATURES = {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
+             "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj",
+             "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}
+
+
+def character_maps():
+    """Rules 2-5 as four {char: replacement} maps, in the order they run."""
+    c1 = {chr(b): windows_1252(b) for b in range(0x80, 0xA0)}
+    width = {"\u3000": " ", **{chr(c): unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFFF0)
+                               if unicodedata.normalize("NFKC", chr(c)) != chr(c)}}
+    quotes = {"\u02bc": "'", **{chr(c): "'" for c in range(0x2018, 0x201C)}, **{chr(c): '"' for c in range(0x201C, 0x2020)}}
+    return c1, LIGATURES, width, quotes
+
+
+def composed_table(maps):
+    """One str.translate table that does what the maps do one after another: each output is passed on."""
+    table = {}
+    for char in set().union(*maps):
+        out = char
+        for m in maps:
+            out = "".join(m.get(c, c) for c in out)
+        table[ord(char)] = out
+    return table
+
+
+CHARACTER_FIXES = composed_table(character_maps())
+CONTROL_CHARS = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070),
+                               0xFEFF, *range(0xFFF9, 0xFFFD)])
+LINE_BREAKS = regex.compile("\r\n|[\r\u2028\u2029\u0085]")
+SURROGATE_PAIR, SURROGATE = regex.compile("[\ud800-\udbff][\udc00-\udfff]"), regex.compile("[\ud800-\udfff]")
+TERMINAL_ESCAPE = regex.compile(r"\x1b\[[\d;]*[a-zA-Z]")
+ENTITY = regex.compile(r"&#?[0-9A-Za-z]{1,24};")
+
+
+def named_entities():
+    """HTML5's named entities that end in ";", and the all-capitals spelling of lowercase ones ("&EACUTE;")."""
+    out = {}
+    for name, char in html.entities.html5.items():
+        if name.endswith(";"):
+            out["&" + name] = char
+            if name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper():
+                out["&" + name.upper()] = char.upper()
+    return out
+
+
+NAMED_ENTITIES = named_entities()
+
+
+def unescape_entity(match):
+    """One "&...;": a named entity, or a numeric one that decodes whole; anything else stays as written."""
+    text = match.group(0)
+    if text in NAMED_ENTITIES:
+        return NAMED_ENTITIES[text]
+    if text.startswith("&#"):
+        out = html.unescape(text)
+        return text if ";" in out else out
+    return text
+
+
+def join_surrogates(match):
+    high, low = map(ord, match.group(0))
+    return chr(0x10000 + (high - 0xD800) * 0x400 + (low - 0xDC00))
+
+
+def fix_text(text):
+    """
+    ftfy.fix_text's fixed rules (the list above) without its mojibake repair.
+    >>> fix_text("\u201cﬁne\u201d &amp; Ｈi\x1b[0m\r\n")
+    '"fine" & Hi\n'
+    """
+    if text.isascii() and text.isprintable() and "&" not in text:     # most captions: no rule applies
+        return text
+    out, entities = [], True
+    for line in regex.findall(r"[^\n]{1,1000000}\n?|\n", text):          # ftfy's segments: line by line
+        entities = entities and "<" not in line
+        while True:
+            before = line
+            if entities:
+                line = ENTITY.sub(unescape_entity, line)
+            line = line.translate(CHARACTER_FIXES)
+            line = LINE_BREAKS.sub("\n", line)
+            if SURROGATE.search(line):
+                line = SURROGATE.sub("\ufffd", SURROGATE_PAIR.sub(join_surrogates, line))
+            line = TERMINAL_ESCAPE.sub("", line).translate(CONTROL_CHARS)
+            line = unicodedata.normalize("NFC", line)
+            if line == before:
+                break
+        out.append(line)
+    return "".join(out)
 
 
 def clean(text):
     """
-    The text as CLIP tokenizes it.
+    The text as CLIP tokenizes it: fix_text, HTML entities decoded twice more, whitespace collapsed,
+    lowercased.
     >>> clean("  Caf\\u0065\\u0301 &amp;amp;  \\u201cTea\\u201d\\n")
     'café & "tea"'
     """
-    text = unicodedata.normalize("NFC", text).translate(FTFY_TABLE)
-    text = html.unescape(html.unescape(text))
+    text = html.unescape(html.unescape(fix_text(text)))
     return " ".join(text.split()).lower()
 
 

@@ -163,8 +163,19 @@ def sgemm_peak():
     return 2 * 2048 ** 3 / timed(lambda: a @ a, 5) / 1e9
 
 
+def openai_tokenizer(vocab):
+    """OpenAI's SimpleTokenizer from open_clip's copy of tokenizer.py, or None without ftfy."""
+    import importlib.util
+    if importlib.util.find_spec("ftfy") is None:
+        return None
+    spec = importlib.util.spec_from_file_location("openai_tokenizer", os.path.join(os.path.dirname(vocab), "tokenizer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer(vocab)
+
+
 def tokenizer_rows(quick):
-    """Encoding throughput against transformers' CLIPTokenizer on CLIP's vocabulary, and BPE training time."""
+    """Encoding throughput against transformers' CLIPTokenizer and OpenAI's on CLIP's vocabulary; BPE training time."""
     import importlib.util
     import bpe
     rows = []
@@ -188,6 +199,14 @@ def tokenizer_rows(quick):
                      f"{n_tokens / t_hf_each / 1e6:.2f}M tok/s", t_ours / t_hf_each))
         rows.append(("Tokenizer encode, whole list in one call", f"{n_tokens / t_ours / 1e6:.2f}M tok/s",
                      f"{n_tokens / t_hf_batch / 1e6:.2f}M tok/s", t_ours / t_hf_batch))
+        openai = openai_tokenizer(vocab)
+        if openai:
+            fresh = bpe.load(vocab)
+            t_ours = timed(lambda: [fresh.encode(line) for line in lines], 1 if quick else 3)
+            t_openai = timed(lambda: [openai.encode(line) for line in lines], 1 if quick else 3)
+            rows.append(("Tokenizer encode, against OpenAI's SimpleTokenizer (with ftfy)",
+                         f"{n_tokens / t_ours / 1e6:.2f}M tok/s", f"{n_tokens / t_openai / 1e6:.2f}M tok/s",
+                         t_ours / t_openai))
     else:
         rows.append(("Tokenizer encode", "not measured: open-clip-torch (CLIP's vocabulary) missing", "", None))
     t0 = time.perf_counter()

@@ -1,12 +1,15 @@
 """
-Zero-shot image classification: rank any labels you name by how well CLIP matches them to an image.
+Zero-shot image classification, and its other direction, text-to-image retrieval.
 
     python zeroshot.py checkpoints/samples/green_star.png                  the model train.py --tiny wrote
     python zeroshot.py cat.jpg --weights clip-vit-base-patch32 --labels "cat,dog,car"
+    python zeroshot.py --images-from photos/ --weights clip-vit-base-patch32 --query "a dog on a beach"
 
-Each label is written into prompt templates ("a photo of a {}."), the prompts are embedded by the text
-tower, and each label's embeddings are averaged (CLIP's prompt ensembling). An image's probabilities are
-the softmax over labels of exp(logit_scale) times the cosine similarity, as in CLIP's own zero-shot code.
+Classification: each label is written into prompt templates ("a photo of a {}."), the prompts are
+embedded by the text tower, and each label's embeddings are averaged (CLIP's prompt ensembling). An
+image's probabilities are the softmax over labels of exp(logit_scale) times the cosine similarity, as
+in CLIP's own zero-shot code. Retrieval: each --query is embedded as written, and the images are
+ranked by the same logits, the softmax now taken over the images (transformers' logits_per_text).
 """
 import argparse
 import json
@@ -119,55 +122,66 @@ def print_table(path, labels, probs, topk):
         print(f"  {rank:2d}. {labels[i]:<{width}}  {100 * probs[i]:6.2f}%  {bar}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("images", nargs="+", help="image files")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--checkpoint", help=f"a checkpoint from train.py (default: {DEFAULT_CHECKPOINT})")
-    w.add_argument("--weights", help="a CLIP model folder, Hugging Face's or open_clip's layout, or its .safetensors file")
-    lab = p.add_mutually_exclusive_group()
-    lab.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,car"')
-    lab.add_argument("--labels-file", help="a file with one label per line")
-    p.add_argument("--template", action="append",
-                   help='a prompt template with {} for the label; repeat to ensemble (default: the '
-                        f'checkpoint\'s, or "{DEFAULT_TEMPLATE}")')
-    p.add_argument("--topk", type=int, help="show the K best labels (default: 5 in the table, all in --json)")
-    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
-    p.add_argument("--device", choices=["cpu", "gpu"], help="default: $MINICLIP_DEVICE or cpu")
-    p.add_argument("--batch-size", type=int, default=32, help="images encoded at a time")
-    args = p.parse_args(argv)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-    try:
-        if args.weights and args.labels is None and args.labels_file is None:
-            raise UserError("--weights needs labels: give --labels \"cat,dog\" or --labels-file FILE")
-        if args.device:
-            mc.set_device(args.device)
-        params, cfg, tok, default_labels, templates, (size, crop, mean, std) = load_model(args)
-        labels = read_labels(args, default_labels)
-        templates = args.template or templates
-        bad = [t for t in templates if "{}" not in t]
-        if bad:
-            raise UserError(f"template {bad[0]!r} has no {{}} for the label")
-        classes = classifier(params, cfg, tok, labels, templates)              # (labels, E)
-    except (UserError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    scale = mc.logit_scale_value(params)
 
-    failed = 0
-    for start in range(0, len(args.images), args.batch_size):
-        paths, pixels = [], []
-        for path in args.images[start:start + args.batch_size]:
+def image_paths(args):
+    """The images named on the command line, then those of --images-from: a folder (searched
+    recursively for image files, in sorted order) or a text file with one path per line."""
+    paths = list(args.images)
+    src = args.images_from
+    if src and os.path.isdir(src):
+        found = sorted(os.path.join(root, name) for root, _, names in os.walk(src) for name in names
+                       if name.lower().endswith(IMAGE_EXTENSIONS))
+        if not found:
+            raise UserError(f"{src}: no image files in this folder ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += found
+    elif src:
+        try:
+            with open(src, encoding="utf-8") as f:
+                paths += [line.strip() for line in f if line.strip()]
+        except FileNotFoundError:
+            raise UserError(f"{src}: no such file or folder") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{src}: cannot read the list of images ({e})") from None
+    if not paths:
+        raise UserError("no images: name them, or give --images-from FILE_OR_FOLDER")
+    return paths
+
+
+def check_embeddings_path(path):
+    """--save-embeddings must name a new or replaceable .npz in a folder that exists: checked before any work."""
+    if not path.endswith(".npz"):
+        raise UserError(f"--save-embeddings {path}: the file name must end in .npz")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--save-embeddings {path}: no folder {folder}")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise UserError(f"--save-embeddings {path}: cannot write there")
+
+
+def embed_images(params, cfg, paths, preprocessing, batch_size):
+    """
+    Yield (paths, unit image embeddings (n, E)) a batch at a time. An image that cannot be read gets
+    one line on stderr and is left out; the others go on.
+    """
+    size, crop, mean, std = preprocessing
+    for start in range(0, len(paths), batch_size):
+        good, pixels = [], []
+        for path in paths[start:start + batch_size]:
             try:
                 pixels.append(mc.preprocess(mc.open_image(path), size, crop, mean, std))
-                paths.append(path)
+                good.append(path)
             except ValueError as e:
                 print(f"error: {path}: {e}", file=sys.stderr)
-                failed += 1
-        if not paths:
-            continue
-        img = mc.normalized(mc.encode_image(params, cfg, mc.to_device(np.stack(pixels))))  # (n, E)
-        probs = mc.to_numpy(mc.softmax_forward(scale * (img @ classes.T))[0]).astype(np.float64)
+        if good:
+            yield good, mc.normalized(mc.encode_image(params, cfg, mc.to_device(np.stack(pixels))))
+
+
+def classify(batches, classes, scale, labels, args):
+    """Print each image's labels as they are computed: the list of images can be any length."""
+    for paths, img in batches:
+        probs = mc.to_numpy(mc.softmax_forward(scale * (img @ classes.T))[0]).astype(np.float64)   # (n, labels)
         for path, pr in zip(paths, probs):
             if args.json:
                 order = np.argsort(-pr)[:args.topk or len(labels)]
@@ -175,7 +189,107 @@ def main(argv=None):
                                                                  for i in order]}))
             else:
                 print_table(path, labels, pr, args.topk or 5)
-    return 1 if failed else 0
+        yield paths, img
+
+
+def retrieve(paths, images, queries, texts, scale, args):
+    """For each query, the images ranked by similarity: softmax over the images of scale * cosine."""
+    logits = mc.to_numpy(scale * (texts @ images.T)).astype(np.float64)        # (queries, images)
+    probs = mc.to_numpy(mc.softmax_forward(logits)[0])
+    for q, query in enumerate(queries):
+        order = np.argsort(-logits[q], kind="stable")[:args.topk or (len(paths) if args.json else 5)]
+        if args.json:
+            print(json.dumps({"query": query, "results": [
+                {"image": paths[i], "score": float(logits[q, i] / scale), "prob": float(probs[q, i])} for i in order]}))
+        else:
+            print(query)
+            for rank, i in enumerate(order, start=1):
+                print(f"  {rank:2d}. {paths[i]}  cosine {logits[q, i] / scale:.4f}  {100 * probs[q, i]:6.2f}%")
+
+
+def save_embeddings(path, paths, images, text_key, texts, text_embeddings, scale):
+    """One .npz, written whole or not at all: unit image and text embeddings with their paths and texts."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, image_embeddings=images, image_paths=np.array(paths, dtype=str),
+                     text_embeddings=mc.to_numpy(text_embeddings), **{text_key: np.array(texts, dtype=str)},
+                     logit_scale=np.float64(scale))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--images-from", metavar="FILE_OR_FOLDER",
+                   help="more images: every image file under a folder, or a text file with one path per line")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--checkpoint", help=f"a checkpoint from train.py (default: {DEFAULT_CHECKPOINT})")
+    w.add_argument("--weights", help="a CLIP model folder, Hugging Face's or open_clip's layout, or its .safetensors file")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,car"')
+    what.add_argument("--labels-file", help="a file with one label per line")
+    what.add_argument("--query", action="append", help="rank the images by this text instead; repeat for more")
+    p.add_argument("--template", action="append",
+                   help='a prompt template with {} for the label; repeat to ensemble (default: the '
+                        f'checkpoint\'s, or "{DEFAULT_TEMPLATE}")')
+    p.add_argument("--topk", type=int, help="show the K best labels or images (default: 5 in the table, all in --json)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image (per query with --query) and line")
+    p.add_argument("--save-embeddings", metavar="PATH.npz",
+                   help="also write the unit image embeddings, the label or query embeddings, and the paths")
+    p.add_argument("--device", choices=["cpu", "gpu"], help="default: $MINICLIP_DEVICE or cpu")
+    p.add_argument("--batch-size", type=int, default=32, help="images encoded at a time")
+    args = p.parse_args(argv)
+
+    try:
+        if args.batch_size < 1 or (args.topk is not None and args.topk < 1):
+            raise UserError("--batch-size and --topk must be at least 1")
+        paths = image_paths(args)
+        if args.save_embeddings:
+            check_embeddings_path(args.save_embeddings)
+        if args.weights and args.labels is None and args.labels_file is None and not args.query:
+            raise UserError("--weights needs labels or queries: give --labels \"cat,dog\", --labels-file FILE "
+                            "or --query TEXT")
+        if args.device:
+            mc.set_device(args.device)
+        params, cfg, tok, default_labels, templates, preprocessing = load_model(args)
+        if args.query:
+            texts = [q.strip() for q in args.query]
+            if not all(texts):
+                raise UserError("a --query is empty")
+            text_embeddings = mc.normalized(mc.encode_text(params, cfg, mc.to_device(
+                tok.tokenize(texts, cfg.context_length, truncate=True))))          # (queries, E)
+        else:
+            texts = read_labels(args, default_labels)
+            templates = args.template or templates
+            bad = [t for t in templates if "{}" not in t]
+            if bad:
+                raise UserError(f"template {bad[0]!r} has no {{}} for the label")
+            text_embeddings = classifier(params, cfg, tok, texts, templates)     # (labels, E)
+    except (UserError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    scale = mc.logit_scale_value(params)
+
+    batches = embed_images(params, cfg, paths, preprocessing, args.batch_size)
+    if not args.query:
+        batches = classify(batches, text_embeddings, scale, texts, args)
+    kept, embeddings = [], []
+    for good, img in batches:
+        kept += good
+        if args.query or args.save_embeddings:                  # else nothing is kept: any number of images
+            embeddings.append(mc.to_numpy(img).astype(np.float32))
+    images = np.concatenate(embeddings) if embeddings else np.zeros((0, cfg.embed_dim), np.float32)
+    if args.query and kept:
+        retrieve(kept, mc.to_device(images), texts, text_embeddings, scale, args)
+    if args.save_embeddings:
+        save_embeddings(args.save_embeddings, kept, images, "queries" if args.query else "labels", texts,
+                        text_embeddings, scale)
+        print(f"saved {len(kept)} image embeddings to {args.save_embeddings}", file=sys.stderr)
+    return 1 if len(kept) < len(paths) else 0
 
 
 if __name__ == "__main__":

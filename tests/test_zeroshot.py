@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,6 +173,95 @@ def test_whole_call_errors(tiny, sample, tmp_path):
 
     p = run(sample, "--checkpoint", ck, "--template", "no placeholder")
     assert p.returncode == 1 and "has no {}" in p.stderr
+
+
+def test_images_from_a_folder_or_a_list_answer_as_arguments_do(tiny, tmp_path):
+    """A folder is searched recursively, in sorted order, for image files only; a list file gives one path a line."""
+    ck = tiny / "tiny.npz"
+    samples = sorted((tiny / "samples").iterdir())
+    (tmp_path / "sub").mkdir()
+    for i, s in enumerate(samples):
+        (tmp_path / ("sub" if i % 2 else ".") / f"{i}.png").write_bytes(s.read_bytes())
+    (tmp_path / "notes.txt").write_text("not an image")
+    folder = sorted(str(p) for p in tmp_path.rglob("*.png"))
+    direct = run(*folder, "--checkpoint", ck, "--json")
+    assert direct.returncode == 0 and len(direct.stdout.splitlines()) == len(samples)
+    p = run("--images-from", tmp_path, "--checkpoint", ck, "--json")
+    assert p.returncode == 0 and p.stdout == direct.stdout, p.stderr
+    (tmp_path / "list.txt").write_text("\n".join(folder) + "\n\n")
+    assert run("--images-from", tmp_path / "list.txt", "--checkpoint", ck, "--json").stdout == direct.stdout
+
+
+def test_retrieval_and_saved_embeddings(tiny, sample, tmp_path):
+    """--query ranks the images by the softmax over images, and --save-embeddings writes what was computed."""
+    ck = tiny / "tiny.npz"
+    samples = [str(s) for s in sorted((tiny / "samples").iterdir())]
+    out = tmp_path / "emb.npz"
+    p = run(*samples, tmp_path / "missing.png", "--checkpoint", ck, "--query", "a photo of a pink circle.",
+            "--query", "a photo of a yellow square.", "--json", "--save-embeddings", out)
+    assert p.returncode == 1 and p.stderr.count("error: ") == 1 and "missing.png: no such file" in p.stderr
+    results = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["query"] for r in results] == ["a photo of a pink circle.", "a photo of a yellow square."]
+    with np.load(out, allow_pickle=False) as z:
+        saved = {k: z[k] for k in z.files}
+    assert saved["image_paths"].tolist() == samples and saved["queries"].tolist() == [r["query"] for r in results]
+    assert saved["image_embeddings"].shape == (len(samples), 64)
+    assert np.allclose(np.linalg.norm(saved["image_embeddings"], axis=1), 1, atol=1e-5)
+    logits = saved["logit_scale"] * saved["text_embeddings"] @ saved["image_embeddings"].T
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    for q, r in enumerate(results):
+        assert [d["image"] for d in r["results"]] == [samples[i] for i in np.argsort(-logits[q], kind="stable")]
+        assert np.allclose([d["prob"] for d in r["results"]], np.sort(probs[q])[::-1], atol=1e-6)
+
+    # Classification saves the label embeddings, one per label.
+    p = run(sample, "--checkpoint", ck, "--labels", "red circle,blue star", "--save-embeddings", out)
+    with np.load(out, allow_pickle=False) as z:
+        assert z["labels"].tolist() == ["red circle", "blue star"] and z["text_embeddings"].shape == (2, 64)
+
+
+def test_retrieval_and_listing_errors(tiny, sample, tmp_path):
+    ck = tiny / "tiny.npz"
+    (tmp_path / "empty").mkdir()
+    for args, message in [(["--images-from", tmp_path / "nothing"], "no such file or folder"),
+                          (["--images-from", tmp_path / "empty"], "no image files in this folder"),
+                          ([], "no images: name them"),
+                          ([sample, "--query", " "], "a --query is empty"),
+                          ([sample, "--save-embeddings", tmp_path / "e.txt"], "must end in .npz"),
+                          ([sample, "--save-embeddings", tmp_path / "no" / "e.npz"], "no folder"),
+                          ([sample, "--topk", "0"], "at least 1")]:
+        p = run(*args, "--checkpoint", ck)
+        assert p.returncode == 1 and message in p.stderr and p.stderr.count("\n") == 1, (args, p.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["empty"]                  # nothing written
+    p = run(sample, "--checkpoint", ck, "--query", "a", "--labels", "b")
+    assert p.returncode == 2 and "not allowed with" in p.stderr
+
+
+def test_retrieval_matches_transformers(tmp_path):
+    """logits_per_text's softmax over the images, from a Hugging Face folder: the same ranking and probabilities."""
+    from conftest import clip_folders, reference
+    torch = reference("torch")
+    transformers = reference("transformers")
+    model, hf, _ = clip_folders(tmp_path)
+    rng = np.random.default_rng(2)
+    images = [tmp_path / f"{i}.png" for i in range(5)]
+    for i, path in enumerate(images):
+        Image.fromarray(rng.integers(0, 256, (60 + 7 * i, 80, 3), dtype=np.uint8)).save(path)
+    queries = ["a dog on a beach", "Two red cars!"]
+    p = run(*images, "--weights", hf, *[a for q in queries for a in ("--query", q)], "--json")
+    assert p.returncode == 0, p.stderr
+    got = [{d["image"]: d["prob"] for d in json.loads(line)["results"]} for line in p.stdout.splitlines()]
+
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(hf))
+    processor = transformers.CLIPImageProcessorPil.from_pretrained(str(hf))
+    pixels = processor(images=[Image.open(i) for i in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(**tokenizer(queries, padding=True, return_tensors="pt"), pixel_values=pixels)
+    want = out.logits_per_text.softmax(-1).numpy()
+    for q in range(len(queries)):
+        in_our_order = [want[q][images.index(Path(i))] for i in got[q]]     # random weights: near ties
+        assert all(a >= b - 1e-5 for a, b in zip(in_our_order, in_our_order[1:]))
+        assert np.abs(np.array([got[q][str(i)] for i in images]) - want[q]).max() < 1e-4
 
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])

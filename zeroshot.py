@@ -194,8 +194,9 @@ def classify(batches, classes, scale, labels, args):
 
 def retrieve(paths, images, queries, texts, scale, args):
     """For each query, the images ranked by similarity: softmax over the images of scale * cosine."""
-    logits = mc.to_numpy(scale * (texts @ images.T)).astype(np.float64)        # (queries, images)
-    probs = mc.to_numpy(mc.softmax_forward(logits)[0])
+    logits = scale * (texts @ images.T)                                         # (queries, images)
+    probs = mc.to_numpy(mc.softmax_forward(logits)[0]).astype(np.float64)
+    logits = mc.to_numpy(logits).astype(np.float64)
     for q, query in enumerate(queries):
         order = np.argsort(-logits[q], kind="stable")[:args.topk or (len(paths) if args.json else 5)]
         if args.json:

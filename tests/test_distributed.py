@@ -39,11 +39,11 @@ if MISSING and os.environ.get("MINICLIP_REQUIRE_MPI") == "1":
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"{MISSING} (pip install -r requirements-dist.txt)")
 
 
-def mpirun(k, *args, cwd=None):
-    """Run args under `mpiexec -n k` (k = 1: as a plain process, with no launcher at all)."""
+def mpirun(k, *args, cwd=None, env=None):
+    """Run args under `mpiexec -n k` (k = 1: as a plain process, with no launcher at all), env added."""
     cmd = [sys.executable, *args] if k == 1 else [MPIEXEC, "-n", str(k), sys.executable, *args]
     launcher = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "OMP_NUM_THREADS")    # pytest itself may run under one
-    env = {key: v for key, v in os.environ.items() if not key.startswith(launcher)}
+    env = {**{key: v for key, v in os.environ.items() if not key.startswith(launcher)}, **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -94,9 +94,9 @@ def read_run(folder):
         return {**params, **extra}, meta, [json.loads(line) for line in f]
 
 
-def run_train(k, folder, *args):
+def run_train(k, folder, *args, env=None):
     """train.py in float64 on k processes, writing into folder; returns (stdout, *read_run(folder))."""
-    p = mpirun(k, WORKER, "train", *SMALL, "--out", str(folder / "c.npz"), *args, cwd=folder.parent)
+    p = mpirun(k, WORKER, "train", *SMALL, "--out", str(folder / "c.npz"), *args, cwd=folder.parent, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     return (p.stdout, *read_run(folder))
 
@@ -125,6 +125,17 @@ def test_training_on_two_processes_equals_one(tmp_path):
     assert "data-parallel: 2 processes, 16 pairs each of every batch of 32" in log
     assert log.count("step     1/4 |") == 1 and log.count("eval at step 4:") == 1   # process 0 alone prints
     assert sorted(os.listdir(tmp_path / "two" / "samples")) == sorted(os.listdir(tmp_path / "one" / "samples"))
+
+
+def test_data_parallel_on_the_gpu_path(tmp_path):
+    """
+    Two processes on the GPU code path (tests/fake_gpu's stand-in for CuPy: no implicit conversion, no
+    mixing with NumPy), staging through host memory as without CUDA-aware MPI: the CPU run's numbers.
+    """
+    gpu = {"MINICLIP_DEVICE": "gpu", "PYTHONPATH": os.path.join(ROOT, "tests", "fake_gpu")}
+    two = run_train(2, tmp_path / "gpu", "--steps", "4", env=gpu)
+    one = run_train(1, tmp_path / "cpu", "--steps", "4")
+    assert_same_run(two, one)
 
 
 @pytest.mark.parametrize("k_first,k_then", [(2, 1), (1, 2)])

@@ -1,13 +1,11 @@
 """
 The README's `python train.py --tiny`, run in full, and the held-out zero-shot accuracy it prints:
-at least 90% on color-shape pairs never seen in training. It takes about four minutes, so it runs
+at least 95% on color-shape pairs never seen in training. It takes about four minutes, so it runs
 where MINICLIP_FULL_TINY=1 (CI sets it) and is skipped otherwise. It checks accuracy, not time.
 
-The bar was 95% while batches came from one sequential random stream (95.8%). Since batches became a
-function of (seed, step), for exact streaming resume, and weight decay took in the embedding tables
-(the paper's and open_clip's rule), the same recipe gives 92.1%; weight decays of 0.1, 0.3 and 0.4
-gave 91.2%, 94.3% and 93.4%, and the old decay rule 93.0%: a spread of 3 points from the draw alone.
-90% sits below that spread and far above chance (1 in 48).
+The recipe (train.py's TrainConfig) was chosen over seeds, not on seed 0 alone: at peak learning rate
+2e-3 seeds 0-4 reach 95.7%, 99.4%, 96.6% (and seeds 3, 4 in the README); at 1e-3 seed 0 reached
+92.1% and seed 1 97.4%. Which pairs a seed holds out moves the result by a few points.
 """
 import os
 import re
@@ -21,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.skipif(os.environ.get("MINICLIP_FULL_TINY") != "1",
                     reason="the full --tiny run takes minutes; set MINICLIP_FULL_TINY=1 to run it")
-def test_full_tiny_run_reaches_90_percent_zero_shot(tmp_path, capsys):
+def test_full_tiny_run_reaches_95_percent_zero_shot(tmp_path, capsys):
     p = subprocess.run([sys.executable, "train.py", "--tiny", "--out", str(tmp_path / "tiny.npz")],
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -30,4 +28,4 @@ def test_full_tiny_run_reaches_90_percent_zero_shot(tmp_path, capsys):
     accuracy = float(re.search(r"zeroshot_top1 ([0-9.]+)", final[0]).group(1))
     with capsys.disabled():
         print(f"\nfull --tiny run: {final[0]}")
-    assert accuracy >= 0.90, final[0]
+    assert accuracy >= 0.95, final[0]

@@ -180,13 +180,19 @@ def clean(text):
     >>> clean("  Caf\\u0065\\u0301 &amp;amp;  \\u201cTea\\u201d\\n")
     'café & "tea"'
     """
-    text = html.unescape(html.unescape(fix_text(text)))
+    text = fix_text(text)
+    if "&" in text:
+        text = html.unescape(html.unescape(text))
     return " ".join(text.split()).lower()
+
+
+# bytes_to_unicode as a str.translate table on text decoded as Latin-1, where character i is byte i.
+BYTE_SYMBOLS = {b: c for b, c in BYTE_TO_CHAR.items() if chr(b) != c}
 
 
 def pretokenize(text):
     """Clean a text and cut it into words, each a string of byte symbols: "hi, you" -> ['hi', ',', 'you']."""
-    return ["".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8")) for word in PATTERN.findall(clean(text))]
+    return [word.encode("utf-8").decode("latin-1").translate(BYTE_SYMBOLS) for word in PATTERN.findall(clean(text))]
 
 
 def word_symbols(word):

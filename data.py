@@ -63,15 +63,18 @@ class Pairs:
 
     def subset(self, idx):
         """The pairs at the positions idx, in that order."""
-        return dataclasses.replace(self, captions=[self.captions[i] for i in idx],
-                                   locators=[self.locators[i] for i in idx], keys=[self.keys[i] for i in idx],
+        idx = np.asarray(idx)
+        at = idx.tolist()                               # Python ints index lists ~3x faster than NumPy's
+        return dataclasses.replace(self, captions=[self.captions[i] for i in at],
+                                   locators=[self.locators[i] for i in at], keys=[self.keys[i] for i in at],
                                    labels=None if self.labels is None else self.labels[idx])
 
     def fingerprint(self):
         """A hash of every caption and locator: a resumed run checks it still reads the same data."""
         h = hashlib.sha256()
-        for caption, loc in zip(self.captions, self.locators):
-            h.update(f"{caption}\t{loc}\n".encode())
+        for i in range(0, len(self), 100_000):         # the same digest as row by row, in fewer calls
+            rows = zip(self.captions[i:i + 100_000], self.locators[i:i + 100_000])
+            h.update("".join(f"{caption}\t{loc}\n" for caption, loc in rows).encode())
         if self.images is not None:
             h.update(self.images.tobytes())
         return h.hexdigest()[:16]
@@ -229,6 +232,27 @@ def csv_separator(text):
     return sep
 
 
+class FileLister:
+    """
+    Whether a path is a file, answered from one listing of its folder instead of a stat() per path:
+    an index of a million rows in a few folders reads a few directories, not a million inodes.
+    """
+
+    def __init__(self):
+        self.folders = {}
+
+    def isfile(self, path):
+        folder, _, name = path.rpartition(os.sep)
+        names = self.folders.get(folder)
+        if names is None:
+            try:
+                with os.scandir(folder or os.sep) as entries:
+                    names = self.folders[folder] = {e.name for e in entries if e.is_file()}
+            except OSError:                             # no such folder, or not one we may read
+                names = self.folders[folder] = set()
+        return name in names
+
+
 def read_csv(path, img_key, caption_key, separator, skip_bad):
     """
     Index a CSV of image paths and captions; images are not opened here. A row with an empty caption
@@ -239,26 +263,33 @@ def read_csv(path, img_key, caption_key, separator, skip_bad):
         raise DataError(f"{path}: no such CSV file")
     base = os.path.dirname(os.path.abspath(path))
     captions, locators, bad = [], [], []
+    files = FileLister()
     shown = Progress(f"indexing {path}, rows")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            fields = reader.fieldnames or []
+            reader = csv.reader(f, delimiter=separator)
+            fields = next(reader, [])
             for key in (img_key, caption_key):
                 if key not in fields:
                     raise DataError(f"{path}: no column {key!r}; the columns are {fields} "
                                     f"(set --csv-img-key, --csv-caption-key, --csv-separator)")
+            i_img, i_cap, width = fields.index(img_key), fields.index(caption_key), len(fields)
+            prefix, line = base if base.endswith(os.sep) else base + os.sep, 1
             for line, row in enumerate(reader, start=2):
-                caption, image = (row[caption_key] or "").strip(), row[img_key] or ""
-                image_path = os.path.join(base, image)
+                if len(row) < width:                    # as csv.DictReader reads a short row: missing fields empty
+                    row += [""] * (width - len(row))
+                caption, image = row[i_cap].strip(), row[i_img]
+                image_path = image if image.startswith(os.sep) else prefix + image   # os.path.join, faster
                 if not caption:
                     bad.append(f"line {line}: empty caption")
-                elif not os.path.isfile(image_path):
+                elif not files.isfile(image_path):
                     bad.append(f"line {line}: {image}: no such file")
                 else:
                     captions.append(caption)
                     locators.append(image_path)
-                shown.update(line - 1)
+                if line % 10_000 == 0:
+                    shown.update(line - 1)
+            shown.update(line - 1)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:

@@ -351,9 +351,10 @@ def load_model(args):
     return params, cfg, tok
 
 
-# A tokenizer learns its merges from at most this many captions, a seeded sample: enough for a
-# vocabulary of thousands of tokens, and start-up time does not grow with the data set.
-TOKENIZER_CAPTIONS = 100_000
+# A tokenizer learns its merges from at most this many captions, a seeded sample (--tiny's 24,000 are
+# all used), so that start-up time does not grow with the data set. A vocabulary learned from more
+# text, or CLIP's own, comes in with --tokenizer.
+TOKENIZER_CAPTIONS = 25_000
 
 
 def learn_tokenizer(captions, vocab_size, seed):

@@ -183,3 +183,20 @@ def test_in_memory_pairs_are_cropped_at_their_offsets():
     offsets = np.array([[0, 4], [3, 1]])
     (crops, idx), = data.Loader(32, workers=2).batches(pairs, [(np.array([4, 1]), offsets)])
     assert np.array_equal(crops[0], images[4, 0:32, 4:36]) and np.array_equal(crops[1], images[1, 3:35, 1:33])
+
+
+def test_csv_rows_checked_against_folder_listings(tmp_path):
+    """A CSV row is good when its path names a file: relative, absolute, through a symlink, or with "..";
+    a folder, a missing file, or a file in a missing folder is a bad row, and --skip-bad skips it."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "sub").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"x")
+    (tmp_path / "img" / "link.png").symlink_to(tmp_path / "img" / "a.png")
+    rows = ["img/a.png,relative", f"{tmp_path}/img/a.png,absolute", "img/link.png,symlink",
+            "img/sub/../a.png,dotdot", "img/sub,a folder", "img/b.png,missing", "nope/a.png,no folder", "img/a.png,"]
+    (tmp_path / "p.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    with pytest.raises(data.DataError, match="4 bad rows, first: line 6: img/sub: no such file; line 7: img/b.png"):
+        data.read_csv(str(tmp_path / "p.csv"), "filepath", "title", ",", skip_bad=False)
+    pairs = data.read_csv(str(tmp_path / "p.csv"), "filepath", "title", ",", skip_bad=True)
+    assert pairs.captions == ["relative", "absolute", "symlink", "dotdot"]
+    assert pairs.locators[0] == os.path.join(str(tmp_path), "img/a.png") and pairs.locators[1] == f"{tmp_path}/img/a.png"

@@ -200,3 +200,54 @@ def test_csv_rows_checked_against_folder_listings(tmp_path):
     pairs = data.read_csv(str(tmp_path / "p.csv"), "filepath", "title", ",", skip_bad=True)
     assert pairs.captions == ["relative", "absolute", "symlink", "dotdot"]
     assert pairs.locators[0] == os.path.join(str(tmp_path), "img/a.png") and pairs.locators[1] == f"{tmp_path}/img/a.png"
+
+
+# The scenes world (experiments/paper.py).
+
+def test_scenes_never_show_a_held_out_pair_in_training():
+    train_set, held = data.scenes_world(3000, seed=0, image_size=32)
+    assert len(held) == 12
+    seen = {obj for key in train_set.keys for obj in key}
+    assert seen and not seen & set(held)
+    for color, kind in held:                                   # nor does any caption name one
+        assert not any(f"{color} {kind}" in c or f"{color} {data.plural(kind)}" in c for c in train_set.captions)
+    kinds = {("count" if len(set(k)) == 1 else "pair", len(k)) for k in train_set.keys}
+    assert kinds == {("count", 1), ("count", 2), ("count", 3), ("pair", 2)}
+
+
+def test_scene_captions_say_what_is_drawn():
+    rng = np.random.default_rng(0)
+    assert data.scene_caption(rng, [("red", "cross")] * 3).endswith("three red crosses")
+    for _ in range(20):
+        c = data.scene_caption(rng, [("red", "circle"), ("blue", "star")])
+        assert "red circle" in c and "blue star" in c
+        assert "blue star left of" not in c and "red circle right of" not in c   # the red circle is on the left
+
+
+def test_scene_objects_sit_left_to_right_and_outlines_are_hollow():
+    rng = np.random.default_rng(1)
+    solid = data.draw_scene(rng, [("red", "square"), ("blue", "square")], 72).astype(int)
+    red = solid[:, :, 0] - solid[:, :, 2] > 100
+    blue = solid[:, :, 2] - solid[:, :, 0] > 100
+    assert np.nonzero(red)[1].max() < np.nonzero(blue)[1].min()                # red entirely left of blue
+    rng = np.random.default_rng(1)
+    outline = data.draw_scene(rng, [("white", "circle")], 72, "outline").astype(int)
+    rng = np.random.default_rng(1)
+    filled = data.draw_scene(rng, [("white", "circle")], 72, "solid").astype(int)
+    inside = filled.sum(axis=2) > 600                                          # the filled disc
+    ys, xs = np.nonzero(inside)
+    cy, cx = int(ys.mean()), int(xs.mean())
+    assert filled[cy, cx].sum() > 600 and outline[cy, cx].sum() < 300          # the outline's middle is background
+
+
+def test_scene_tests_have_one_right_answer_and_a_near_miss():
+    train_set, held = data.scenes_world(10, seed=0, image_size=32)
+    tests = data.scene_tests(30, 0, 32, "outline", held)
+    assert set(tests) == {"color_shape", "count", "binding", "relation"}
+    for name, t in tests.items():
+        assert len(t["images"]) == len(t["candidates"]) == len(t["answers"]) == 30
+        for options, answer in zip(t["candidates"], t["answers"]):
+            assert len(set(options)) == len(options) and 0 <= answer < len(options)
+    for options in tests["binding"]["candidates"]:            # the same words, colors swapped
+        assert sorted(options[0].split()) == sorted(options[1].split()) and options[0] != options[1]
+    assert all(len(o) == 48 for o in tests["color_shape"]["candidates"])

@@ -515,16 +515,18 @@ def split(pairs, val_frac, val_max, seed):
 # Batches: which pairs, and where each is cropped, as a pure function of (seed, step).
 
 
-def batch_plan(step, n, batch_size, seed, slack):
+def batch_plan(step, n, batch_size, seed, slack, random_crop=True):
     """
     The batch of optimizer step `step` (0-based) over n training pairs: (pair numbers (B,), crop
     offsets (B, 2)). Each epoch is a fresh seeded permutation; the n % B pairs left at its end wait for
-    the next epoch's order. Crop offsets are uniform in [0, slack], y then x.
+    the next epoch's order. Crop offsets are uniform in [0, slack], y then x, or all slack // 2 (the
+    center crop) without random_crop.
     """
     per_epoch = n // batch_size
     epoch, j = divmod(step, per_epoch)
     order = np.random.default_rng([seed, 0, epoch]).permutation(n)
-    offsets = np.random.default_rng([seed, 1, step]).integers(0, slack + 1, (batch_size, 2))
+    offsets = np.random.default_rng([seed, 1, step]).integers(0, slack + 1, (batch_size, 2)) if random_crop \
+        else np.full((batch_size, 2), slack // 2)
     return order[j * batch_size:(j + 1) * batch_size], offsets
 
 

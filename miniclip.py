@@ -873,8 +873,9 @@ class AdamW:
     The defaults are the paper's: b2 = 0.98 and eps = 1e-6 for stability at large batch.
     """
 
-    def __init__(self, params, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6):
+    def __init__(self, params, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, frozen=()):
         self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
+        self.frozen = set(frozen)                       # names left as they are (a fixed temperature)
         self.m = {k: xp.zeros_like(v) for k, v in params.items()}
         self.v = {k: xp.zeros_like(v) for k, v in params.items()}
         self.t = 0
@@ -885,6 +886,8 @@ class AdamW:
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         for k, w in params.items():
+            if k in self.frozen:
+                continue
             g, m, v = grads[k], self.m[k], self.v[k]
             m *= b1
             m += (1 - b1) * g

@@ -377,6 +377,8 @@ class TrainConfig:
     n_eval: int = 1200            # --tiny: generated held-out images (of the unseen pairs)
     log_every: int = 50
     eval_every: int = 500         # save a checkpoint, then evaluate, this often
+    temperature: float = 0.0      # 0: learned, as CLIP does; T > 0: the logit scale fixed at 1/T (an ablation)
+    random_crop: bool = True      # a random square crop each step, the paper's only augmentation; else the center
 
 
 def lr_at(step, tc):
@@ -403,6 +405,10 @@ def check_args(args):
         raise UserError(f"--lr must be a finite number above 0, got {args.lr}")
     if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise UserError(f"--weight-decay must be finite and at least 0, got {args.weight_decay}")
+    if args.temperature is not None and args.temperature != 0 and not (
+            math.isfinite(args.temperature) and 1 / mc.MAX_LOGIT_SCALE <= args.temperature):
+        raise UserError(f"--temperature must be 0 (learned) or at least {1 / mc.MAX_LOGIT_SCALE}, "
+                        f"CLIP's cap, got {args.temperature}")
     if not 0 <= args.val_frac < 1:
         raise UserError(f"--val-frac must be at least 0 and below 1, got {args.val_frac}")
     data.csv_separator(args.csv_separator)
@@ -509,8 +515,10 @@ def setup(args):
         params = mc.init_params(cfg, seed=tc.seed)
     if tok.vocab_size != cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
+    if tc.temperature and not args.resume:
+        params["logit_scale"] = np.asarray(math.log(1 / tc.temperature), dtype=params["logit_scale"].dtype)
     params = mc.to_device(params)
-    opt = mc.AdamW(params, weight_decay=tc.weight_decay)
+    opt = mc.AdamW(params, weight_decay=tc.weight_decay, frozen=("logit_scale",) if tc.temperature else ())
     if args.resume:
         opt.m = mc.to_device({k: extra[f"adam.m.{k}"] for k in params})
         opt.v = mc.to_device({k: extra[f"adam.v.{k}"] for k in params})
@@ -610,7 +618,7 @@ def train_loop(args, run, group=None):
 
     def plan():                                         # this process's share of each batch, in step order
         for s in range(run["step"], stop_at):
-            idx, offsets = data.batch_plan(s, len(train_set), tc.batch_size, tc.seed, slack)
+            idx, offsets = data.batch_plan(s, len(train_set), tc.batch_size, tc.seed, slack, tc.random_crop)
             yield idx[shard], offsets[shard]
 
     loader = data.Loader(cfg.image_size, args.workers, skip_bad=args.skip_bad)
@@ -708,7 +716,11 @@ def parse_args(argv=None):
     m.add_argument("--vocab-size", type=int, help="vocabulary size when training the tokenizer")
     o = p.add_argument_group("optimization")
     for f in dataclasses.fields(TrainConfig):
-        o.add_argument("--" + f.name.replace("_", "-"), type=f.type, help=f"default {f.default}")
+        if f.type is bool:                              # --random-crop / --no-random-crop
+            o.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                           help=f"default {f.default}")
+        else:
+            o.add_argument("--" + f.name.replace("_", "-"), type=f.type, help=f"default {f.default}")
     o.add_argument("--grad-checkpointing", action="store_true",
                    help="keep only each block's input and recompute it in the backward: less memory, ~1/3 more compute")
     o.add_argument("--device", choices=["cpu", "gpu"], help="default: $MINICLIP_DEVICE or cpu")

@@ -374,3 +374,46 @@ def test_linear_probe_accuracy_equals_scikit_learn():
     assert abs(ours - ref) <= 0.01 and ours > 0.6, (ours, ref)
     labels = np.array(["cat", "dog", "car", "sky", "sea", "sun"])[ytr]       # any label values come back
     assert set(train.linear_probe(Xtr, labels, Xte[:20])) <= set(labels)
+
+
+# The ablation switches: a fixed temperature and no random crop.
+
+def test_a_fixed_temperature_stays_fixed_and_is_the_one_used(tmp_path):
+    """--temperature 0.05: logit scale 20 at every step, kept through a resume; the learned one moves."""
+    args = ["--tiny", "--steps", "4", *SMALL, "--log-every", "1", "--lr", "1e-2"]
+    assert train.main(args + ["--temperature", "0.05", "--stop-at", "2", "--out", str(tmp_path / "fixed.npz")]) == 0
+    assert train.main(["--resume", str(tmp_path / "fixed.npz")]) == 0
+    assert train.main(args + ["--out", str(tmp_path / "learned.npz")]) == 0
+    scale = lambda name: [r["logit_scale"] for r in map(json.loads, open(tmp_path / f"{name}.metrics.jsonl"))
+                          if "logit_scale" in r]
+    fixed = scale("fixed")                                   # exp of log 20 held in float32
+    assert fixed == [fixed[0]] * 4 and abs(fixed[0] - 20) < 1e-5 and len(set(scale("learned"))) == 4
+    params, _, meta, _ = mc.load_checkpoint(tmp_path / "fixed.npz")
+    assert meta["step"] == 4 and float(params["logit_scale"]) == np.float32(np.log(20.0))
+
+
+def test_frozen_parameters_are_not_updated_and_the_others_are_as_before():
+    from test_model import MICRO, batch
+    params = mc.init_params(MICRO, seed=1, dtype=np.float64)
+    _, grads = mc.loss_and_grads(params, MICRO, *batch(MICRO, 4))
+    plain, frozen = ({k: v.copy() for k, v in params.items()} for _ in range(2))
+    mc.AdamW(plain).step(plain, grads, 1e-2)
+    mc.AdamW(frozen, frozen=("logit_scale",)).step(frozen, grads, 1e-2)
+    assert frozen["logit_scale"] == params["logit_scale"] != plain["logit_scale"]
+    assert all(np.array_equal(plain[k], frozen[k]) for k in params if k != "logit_scale")
+
+
+def test_without_random_crop_every_crop_is_the_center():
+    idx, offsets = data.batch_plan(5, 100, 16, seed=0, slack=4, random_crop=False)
+    assert offsets.shape == (16, 2) and (offsets == 2).all()
+    idx2, random = data.batch_plan(5, 100, 16, seed=0, slack=4)
+    assert np.array_equal(idx, idx2) and len(np.unique(random)) > 1      # the same pairs, only the crops differ
+
+
+@pytest.mark.parametrize("value, ok", [("0", True), ("0.07", True), ("0.01", True), ("0.005", False),
+                                       ("-1", False), ("nan", False)])
+def test_temperature_option_is_checked(tmp_path, value, ok, capsys):
+    status = train.main(["--tiny", "--steps", "1", *SMALL, "--temperature", value, "--out", str(tmp_path / "c.npz")])
+    assert (status == 0) == ok
+    if not ok:
+        assert "--temperature must be 0 (learned) or at least 0.01" in capsys.readouterr().err

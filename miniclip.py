@@ -594,8 +594,47 @@ def clip_loss_backward(cache):
     return dimg, dtxt, dt
 
 
+def bag_of_words(ids, vocab_size):
+    """
+    Each caption's tokens as a distribution over the vocabulary: counts / number of tokens, SOT, EOT
+    and the padding after EOT left out. ids: (N, T) with SOT at 0 and EOT the row's largest id -> (N, V)
+    """
+    N, T = ids.shape
+    eot = ids.argmax(axis=1)                                            # (N,)
+    inside = (xp.arange(T) > 0) & (xp.arange(T) < eot[:, None])         # (N, T): the caption's own tokens
+    q = xp.zeros((N, vocab_size))
+    xp.add.at(q, (xp.nonzero(inside)[0], ids[inside]), 1.0)
+    return q / xp.maximum(q.sum(axis=1, keepdims=True), 1.0)
+
+
+def bow_loss_forward(feat, w, b, q):
+    """
+    The paper's bag-of-words prediction baseline (its Figure 2): from an image's features, predict the
+    words of its caption, the order thrown away.
+        logits = feat w^T + b            (N, V)
+        loss = mean_i ( -sum_v q_iv log softmax(logits_i)_v )        q: bag_of_words of the captions
+    feat: (N, E)   w: (V, E)   b: (V,)   q: (N, V), rows summing to 1   ->   loss: float, cache
+    """
+    logits, lin = linear_forward(feat, w, b)
+    logp = log_softmax(logits)
+    return float(-(q * logp).sum(axis=1).mean()), (lin, logp, q)
+
+
+def bow_loss_backward(cache):
+    """
+    With p = softmax(logits), d/dlogits of -sum_v q_v log p_v = -sum_v q_v (logits_v - logsumexp)
+    is p sum_v q_v - q: p - q for a caption's bag, 0 for a row of zeros (a caption with no words).
+    Averaged over N rows, then linear's backward. Returns (dfeat, dw, db).
+    """
+    lin, logp, q = cache
+    return linear_backward((xp.exp(logp) * q.sum(axis=1, keepdims=True) - q) / len(q), lin)
+
+
 # -----------------------------------------------------------------------------
 # Config and parameters
+
+
+OBJECTIVES = ("contrastive", "bow")
 
 
 @dataclass
@@ -613,10 +652,13 @@ class Config:
     embed_dim: int = 512           # E, the joint image-text space
     layer_norm_eps: float = 1e-5
     activation: str = "quick_gelu"  # the MLP's: "quick_gelu" (OpenAI) or "gelu" (most LAION models)
+    objective: str = "contrastive"  # or "bow": the image predicts its caption's words (an ablation)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
 
     @classmethod
     def from_dict(cls, d):
@@ -672,6 +714,7 @@ def param_shapes(cfg):
         "ln_final.weight": (Dt,), "ln_final.bias": (Dt,),
         "text_projection": (Dt, E),
         "logit_scale": (),
+        **({"bow.weight": (cfg.vocab_size, E), "bow.bias": (cfg.vocab_size,)} if cfg.objective == "bow" else {}),
     }
 
 
@@ -690,7 +733,8 @@ def init_params(cfg, seed=0, dtype=numpy.float32):
     stds = {"token_embedding.weight": 0.02, "positional_embedding": 0.01,
             "visual.class_embedding": cfg.vision_width ** -0.5,
             "visual.positional_embedding": cfg.vision_width ** -0.5,
-            "visual.proj": cfg.vision_width ** -0.5, "text_projection": cfg.text_width ** -0.5}
+            "visual.proj": cfg.vision_width ** -0.5, "text_projection": cfg.text_width ** -0.5,
+            "bow.weight": cfg.embed_dim ** -0.5}
     for prefix, D, L in (("visual.transformer.", cfg.vision_width, cfg.vision_layers),
                          ("transformer.", cfg.text_width, cfg.text_layers)):
         for i in range(L):
@@ -826,12 +870,38 @@ def loss_and_grads(params, cfg, pixels, ids, checkpoint=False):
     One forward and backward pass of CLIP over a batch of N (image, text) pairs.
     pixels: (N, 3, S, S)   ids: (N, T)   ->   (loss: float, grads: a dict with every key of params)
     """
+    if cfg.objective == "bow":
+        return bow_loss_and_grads(params, cfg, pixels, ids, checkpoint)
     (img, txt), cache = features_forward(params, cfg, pixels, ids, checkpoint)
     loss, loss_cache = clip_loss_forward(img, txt, params["logit_scale"])
     dimg, dtxt, dt = clip_loss_backward(loss_cache)
     grads = features_backward(dimg, dtxt, cache, params)
     grads["logit_scale"] = dt
     return loss, grads
+
+
+def bow_loss_and_grads(params, cfg, pixels, ids, checkpoint=False):
+    """The bag-of-words baseline: the image tower and the word predictor train; the text tower gets zeros."""
+    feat, cache = encode_image_forward(params, cfg, pixels, checkpoint=checkpoint)          # (N, E)
+    loss, loss_cache = bow_loss_forward(feat, params["bow.weight"], params["bow.bias"],
+                                        bag_of_words(ids, cfg.vocab_size).astype(feat.dtype))
+    dfeat, dw, db = bow_loss_backward(loss_cache)
+    grads = {k: xp.zeros_like(v) for k, v in params.items()}
+    grads["bow.weight"], grads["bow.bias"] = dw, db
+    encode_image_backward(dfeat, cache, params, grads)
+    return loss, grads
+
+
+def bow_label_scores(params, cfg, pixels, ids, n_templates):
+    """
+    Zero-shot with the bag-of-words model: a label's score for an image is the mean log-probability of
+    its prompt's words, averaged over the templates. ids: (labels * n_templates, T), label-major
+    pixels: (N, 3, S, S)   ->   (N, labels)
+    """
+    logp = log_softmax(linear_forward(encode_image(params, cfg, pixels), params["bow.weight"],
+                                      params["bow.bias"])[0])                              # (N, V)
+    q = bag_of_words(ids, cfg.vocab_size).astype(logp.dtype)                               # (prompts, V)
+    return (logp @ q.T).reshape(len(logp), -1, n_templates).mean(axis=2)
 
 
 def normalized(x):

@@ -115,6 +115,8 @@ def recall_at(queries, items, query_keys, item_keys, ks=(1, 5)):
 
 def evaluate(params, cfg, tok, val, labels, templates, loader):
     """Zero-shot top-1 over `labels` (when the data has labels) and retrieval recall in both directions."""
+    if cfg.objective == "bow":
+        return evaluate_bow(params, cfg, tok, val, labels, templates, loader)
     img = embed_images(params, cfg, val, loader)
     txt = embed_texts(params, cfg, tok, val.captions)
     codes = {k: i for i, k in enumerate(dict.fromkeys(val.keys))}
@@ -129,6 +131,18 @@ def evaluate(params, cfg, tok, val, labels, templates, loader):
                                     for i in range(0, len(img), RECALL_BLOCK)])
         out["zeroshot_top1"] = float((predicted == val.labels).mean())
     return out
+
+
+def evaluate_bow(params, cfg, tok, val, labels, templates, loader):
+    """The bag-of-words model has no text embeddings, so no retrieval: zero-shot top-1 only."""
+    if val.labels is None:
+        return {}
+    prompts = mc.to_device(tok.tokenize([t.format(label) for label in labels for t in templates],
+                                        cfg.context_length, truncate=True))
+    predicted = np.concatenate([mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(mc.normalize(crops)),
+                                                                prompts, len(templates))).argmax(axis=1)
+                                for crops, _ in loader.center_crops(val, EVAL_CHUNK)])
+    return {"zeroshot_top1": float((predicted == val.labels).mean())}
 
 
 # -----------------------------------------------------------------------------
@@ -412,6 +426,8 @@ def check_args(args):
     if not 0 <= args.val_frac < 1:
         raise UserError(f"--val-frac must be at least 0 and below 1, got {args.val_frac}")
     data.csv_separator(args.csv_separator)
+    if args.objective != "contrastive" and args.init:
+        raise UserError(f"--objective {args.objective} trains from scratch: it cannot start from --init's weights")
     if args.tiny and args.data:
         raise UserError("--tiny trains on generated shapes and --data on your files: give one of them")
     if args.resume:
@@ -442,7 +458,7 @@ def load_model(args):
     """(params or None, cfg, tokenizer or None): --init's weights and tokenizer, or --preset's shape."""
     tok = bpe.load(args.tokenizer) if args.tokenizer else None
     if not args.init:
-        return None, mc.PRESETS[args.preset], tok
+        return None, dataclasses.replace(mc.PRESETS[args.preset], objective=args.objective), tok
     params, cfg = mc.load_weights(args.init)
     if tok is None:
         if os.path.isdir(args.init) or args.init.endswith(".safetensors"):
@@ -541,6 +557,8 @@ def train(args, group=None):
         if group is None:
             return train_loop(args, setup(args))
         run = group.agree(lambda: setup(args))
+        if run["cfg"].objective != "contrastive":         # the same on every process, so all stop here
+            raise GroupError(f"--objective {run['cfg'].objective} runs on one process only")
         check_same_start(run, group)
         return train_loop(args, run, group)
     finally:
@@ -680,7 +698,8 @@ def train_loop(args, run, group=None):
     if run["held"] and lead:
         samples = save_samples(os.path.join(os.path.dirname(out), "samples"), val, run["held"], cfg.image_size)
         print(f"held-out samples: {' '.join(samples)}")
-        print(f"try: python zeroshot.py {samples[0]}")
+        if cfg.objective == "contrastive":
+            print(f"try: python zeroshot.py {samples[0]}")
     return 0
 
 
@@ -712,6 +731,9 @@ def parse_args(argv=None):
     m.add_argument("--preset", default="tiny", choices=sorted(mc.PRESETS), help="model shape (default: tiny)")
     m.add_argument("--init", help="start from these weights (our checkpoint, or a CLIP folder in Hugging Face's or "
                    "open_clip's layout); their shape replaces --preset")
+    m.add_argument("--objective", default="contrastive", choices=mc.OBJECTIVES,
+                   help="contrastive (CLIP), or bow: predict the caption's bag of words from the image, "
+                        "the paper's baseline (an ablation; no text tower, no retrieval)")
     m.add_argument("--tokenizer", help="a tokenizer file for bpe.load; default: train one on the captions")
     m.add_argument("--vocab-size", type=int, help="vocabulary size when training the tokenizer")
     o = p.add_argument_group("optimization")

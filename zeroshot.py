@@ -42,6 +42,9 @@ def load_model(args):
         raise UserError(f"no checkpoint at {path}: run `python train.py --tiny` first, or pass --checkpoint "
                         f"or --weights")
     params, cfg, meta, _ = mc.load_checkpoint(path)
+    if cfg.objective != "contrastive":
+        raise UserError(f"{path}: a {cfg.objective!r} model has no text tower to compare with; "
+                        "train.py evaluates it")
     if "tokenizer" not in meta:
         raise UserError(f"{path}: the checkpoint holds no tokenizer")
     params = mc.to_device({k: v.astype(np.float32) for k, v in params.items()})

@@ -75,6 +75,25 @@ def test_gelu_is_the_normal_cdf_times_x():
     assert np.abs(mc.gelu_forward(x)[0] - want).max() < 1e-15
 
 
+def test_bow_loss():
+    """The bag-of-words baseline's loss: features, weights and bias; bags of 3 words, of 1, and empty."""
+    q = np.zeros((4, 7))
+    q[:, [1, 3, 5]] = 1 / 3
+    q[2] = np.eye(7)[6]
+    q[3] = 0
+    check(lambda f, w, b: mc.bow_loss_forward(f, w, b, q),
+          lambda d, cache: tuple(d * g for g in mc.bow_loss_backward(cache)),     # d: the scalar loss's R
+          [randn(4, 5), randn(7, 5), randn(7)], [0, 1, 2])
+
+
+def test_bag_of_words_counts_the_caption_only():
+    """SOT (first), EOT (the largest id) and the padding after it are left out; id 0 inside is a word ("!")."""
+    V = 10
+    ids = np.array([[8, 3, 0, 3, 9, 0, 0], [8, 5, 9, 0, 0, 0, 0]])
+    q = mc.bag_of_words(ids, V)
+    assert np.allclose(q[0], np.bincount([3, 0, 3], minlength=V) / 3) and np.allclose(q[1], np.eye(V)[5])
+
+
 def test_softmax():
     check(mc.softmax_forward, mc.softmax_backward, [randn(3, 5, 6)], [0])
 

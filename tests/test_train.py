@@ -417,3 +417,23 @@ def test_temperature_option_is_checked(tmp_path, value, ok, capsys):
     assert (status == 0) == ok
     if not ok:
         assert "--temperature must be 0 (learned) or at least 0.01" in capsys.readouterr().err
+
+
+def test_bag_of_words_objective_trains_and_is_scored_by_label_words(tmp_path, capsys):
+    """--objective bow: the loss falls, evaluation gives zero-shot only (no text embeddings, no recall),
+    the checkpoint says what it is, and zeroshot.py and --init refuse what they cannot do with it."""
+    out = tmp_path / "bow.npz"
+    assert train.main(["--tiny", "--objective", "bow", "--steps", "12", *SMALL, "--log-every", "1", "--eval-every", "12",
+                       "--lr", "3e-3", "--warmup", "1", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in open(tmp_path / "bow.metrics.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert np.mean(losses[-3:]) < losses[0] - 0.3
+    assert [set(r["eval"]) for r in records if "eval" in r] == [{"zeroshot_top1"}]
+    params, cfg, _, _ = mc.load_checkpoint(out)
+    assert cfg.objective == "bow" and params["bow.weight"].shape == (cfg.vocab_size, cfg.embed_dim)
+    assert "try: python zeroshot.py" not in capsys.readouterr().out
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), str(next((tmp_path / "samples").iterdir())),
+                        "--checkpoint", str(out)], capture_output=True, text=True)
+    assert p.returncode == 1 and "has no text tower" in p.stderr
+    assert train.main(["--init", str(out), "--objective", "bow", "--tiny", "--steps", "1"]) == 1
+    assert "trains from scratch" in capsys.readouterr().err

@@ -302,11 +302,11 @@ def scenes_world(n_train, seed, image_size):
     return Pairs(captions, list(range(n_train)), keys, images=images, source="generated scenes"), held
 
 
-def scene_tests(n, seed, image_size, style, pairs):
+def scene_tests(n, seed, image_size, style, pairs, tasks=("color_shape", "count", "binding", "relation")):
     """
     Multiple-choice tests on fresh scenes of the given color-shape pairs, each a dict with images
     (n, S', S', 3) uint8 (S' = load_size), the candidate captions of each image and the right one's index:
-      "color_shape"  one object; candidates: every "{color} {shape}" label          (48-way)
+      "color_shape"  one object; candidates: the 48 labels, "{color} {shape}"        (48-way)
       "count"        1-3 copies of one object; candidates: "one/two/three ..."       (3-way)
       "binding"      two objects; the caption against the one with colors swapped    (2-way)
       "relation"     two objects; "A left of B" against "B left of A"                (2-way)
@@ -314,7 +314,7 @@ def scene_tests(n, seed, image_size, style, pairs):
     rng = np.random.default_rng([seed, 3, STYLES.index(style)])
     side = load_size(image_size)
     tests = {}
-    for task in ("color_shape", "count", "binding", "relation"):
+    for task in tasks:
         images = np.empty((n, side, side, 3), dtype=np.uint8)
         candidates, answers = [], []
         for i in range(n):
@@ -322,7 +322,7 @@ def scene_tests(n, seed, image_size, style, pairs):
                 color, kind = pairs[rng.integers(len(pairs))]
                 k = 1 if task == "color_shape" else int(rng.integers(1, 4))
                 objects = [(color, kind)] * k
-                options = [f"a {label}" for label in LABELS] if task == "color_shape" else \
+                options = list(LABELS) if task == "color_shape" else \
                     [f"a {color} {kind}"] + [f"{NUMBERS[m]} {color} {plural(kind)}" for m in (1, 2)]
                 answer = LABELS.index(f"{color} {kind}") if task == "color_shape" else k - 1
             else:

@@ -597,6 +597,34 @@ def metrics_log(out, resumed_step, lead):
         raise UserError(f"cannot write beside {out}: {e.strerror} ({e.filename})") from None
 
 
+def plot_curves(stem):
+    """stem.png: the loss and every evaluation metric of stem.metrics.jsonl against the step, if matplotlib is here."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")                           # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no curves figure: matplotlib is not installed (pip install matplotlib)")
+        return
+    with open(stem + ".metrics.jsonl") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval"]) for r in records if "eval" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if losses:
+        left.plot(*zip(*losses))
+    left.set(xlabel="step", ylabel="training loss", title="loss")
+    for name in (evals[0][1] if evals else {}):
+        right.plot([s for s, _ in evals], [m[name] for _, m in evals], marker="o", label=name)
+    right.set(xlabel="step", ylim=(0, 1), title="evaluation")
+    if evals:
+        right.legend()
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=100)
+    plt.close(fig)
+    print(f"curves: {stem}.png")
+
+
 def train_loop(args, run, group=None):
     tc, cfg, params, opt, tok, train_set, val = (run[k] for k in ("tc", "cfg", "params", "opt", "tok", "train_set", "val"))
     K, rank = (group.size, group.rank) if group else (1, 0)
@@ -688,6 +716,8 @@ def train_loop(args, run, group=None):
     if run["step"] % tc.eval_every and run["step"] != tc.steps:
         save()
     print(f"saved {out} at step {run['step']} ({time.time() - t_start:.0f}s of training)")
+    if lead:
+        plot_curves(os.path.splitext(out)[0])
     if group:
         counts = group.comm.gather(loader.decoded)
         if lead and any(counts):

@@ -437,3 +437,16 @@ def test_bag_of_words_objective_trains_and_is_scored_by_label_words(tmp_path, ca
     assert p.returncode == 1 and "has no text tower" in p.stderr
     assert train.main(["--init", str(out), "--objective", "bow", "--tiny", "--steps", "1"]) == 1
     assert "trains from scratch" in capsys.readouterr().err
+
+
+def test_curves_figure_beside_the_checkpoint_or_a_line_saying_why_not(tmp_path, capsys, monkeypatch):
+    from conftest import reference
+    reference("matplotlib")
+    assert train.main(["--tiny", "--steps", "4", *SMALL, "--out", str(tmp_path / "a.npz")]) == 0
+    assert f"curves: {tmp_path / 'a'}.png" in capsys.readouterr().out
+    with open(tmp_path / "a.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)                  # as if not installed
+    assert train.main(["--tiny", "--steps", "2", *SMALL, "--out", str(tmp_path / "b.npz")]) == 0
+    assert "no curves figure: matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "b.png").exists()

@@ -301,6 +301,7 @@ def figures(results, claim_list, folder):
     for ax, (title, group) in zip(axes, (("batch size (equal images seen)", ("batch 32", "base", "batch 512")),
                                          ("temperature", ("base", "T fixed 0.07", "T fixed 0.01", "T fixed 0.2")),
                                          ("augmentation", ("base", "no crop")))):
+        group = [a for a in group if len(values(results, a, "zero-shot"))]     # the arms that ran
         means = [values(results, a, "zero-shot").mean() for a in group]
         errs = [values(results, a, "zero-shot").std() for a in group]
         names = [{"base": "batch 128" if "batch" in title else "learned" if "temp" in title else "random crop"}

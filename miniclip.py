@@ -978,9 +978,7 @@ META_KEY = "__meta__"          # our .npz holds its JSON metadata as a uint8 arr
 def save_weights(path, params, cfg, meta=None, extra=None):
     """
     Write a checkpoint: params under their own names, `extra` arrays (optimizer state, say) under
-    theirs, and a JSON blob with the config, the format version and `meta`. The file appears whole or
-    not at all: we write a temporary file beside it and rename it over the target. Temporary files
-    that an interrupted save left (killed mid-write, they are as large as the checkpoint) go first.
+    theirs, and a JSON blob with the config, the format version and `meta`; atomically (write_npz).
     """
     arrays = {k: to_numpy(v) for k, v in params.items()}
     for k, v in (extra or {}).items():
@@ -990,6 +988,15 @@ def save_weights(path, params, cfg, meta=None, extra=None):
     blob = json.dumps({"format": "miniclip", "version": FORMAT_VERSION, "config": asdict(cfg),
                        "meta": meta or {}, "params": sorted(params)})
     arrays[META_KEY] = numpy.frombuffer(blob.encode(), dtype=numpy.uint8)
+    write_npz(path, arrays)
+
+
+def write_npz(path, arrays):
+    """
+    NumPy arrays to an .npz that appears whole or not at all: written to a temporary file beside it,
+    flushed to disk, and renamed over the target. Temporary files that an interrupted write left
+    (killed mid-write, they are as large as the file) go first.
+    """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"

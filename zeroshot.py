@@ -213,16 +213,9 @@ def retrieve(paths, images, queries, texts, scale, args):
 
 def save_embeddings(path, paths, images, text_key, texts, text_embeddings, scale):
     """One .npz, written whole or not at all: unit image and text embeddings with their paths and texts."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, image_embeddings=images, image_paths=np.array(paths, dtype=str),
-                     text_embeddings=mc.to_numpy(text_embeddings), **{text_key: np.array(texts, dtype=str)},
-                     logit_scale=np.float64(scale))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    mc.write_npz(path, {"image_embeddings": images, "image_paths": np.array(paths, dtype=str),
+                        "text_embeddings": mc.to_numpy(text_embeddings), text_key: np.array(texts, dtype=str),
+                        "logit_scale": np.float64(scale)})
 
 
 def main(argv=None):

@@ -113,6 +113,12 @@ def recall_at(queries, items, query_keys, item_keys, ks=(1, 5)):
     return {k: hits[k] / len(queries) for k in ks}
 
 
+def prompt_ids(tok, cfg, labels, templates):
+    """Every label in every template, label-major, as token ids on the device: (labels * templates, T)."""
+    return mc.to_device(tok.tokenize([t.format(label) for label in labels for t in templates], cfg.context_length,
+                                     truncate=True))
+
+
 def evaluate(params, cfg, tok, val, labels, templates, loader):
     """Zero-shot top-1 over `labels` (when the data has labels) and retrieval recall in both directions."""
     if cfg.objective == "bow":
@@ -124,9 +130,7 @@ def evaluate(params, cfg, tok, val, labels, templates, loader):
     i2t, t2i = recall_at(img, txt, keys, keys), recall_at(txt, img, keys, keys)
     out = {"i2t_r1": i2t[1], "i2t_r5": i2t[5], "t2i_r1": t2i[1], "t2i_r5": t2i[5]}
     if val.labels is not None:
-        prompts = tok.tokenize([t.format(label) for label in labels for t in templates], cfg.context_length,
-                               truncate=True)
-        classes = mc.to_numpy(mc.class_embeddings(params, cfg, mc.to_device(prompts), len(templates)))
+        classes = mc.to_numpy(mc.class_embeddings(params, cfg, prompt_ids(tok, cfg, labels, templates), len(templates)))
         predicted = np.concatenate([(img[i:i + RECALL_BLOCK] @ classes.T).argmax(axis=1)
                                     for i in range(0, len(img), RECALL_BLOCK)])
         out["zeroshot_top1"] = float((predicted == val.labels).mean())
@@ -137,8 +141,7 @@ def evaluate_bow(params, cfg, tok, val, labels, templates, loader):
     """The bag-of-words model has no text embeddings, so no retrieval: zero-shot top-1 only."""
     if val.labels is None:
         return {}
-    prompts = mc.to_device(tok.tokenize([t.format(label) for label in labels for t in templates],
-                                        cfg.context_length, truncate=True))
+    prompts = prompt_ids(tok, cfg, labels, templates)
     predicted = np.concatenate([mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(mc.normalize(crops)),
                                                                 prompts, len(templates))).argmax(axis=1)
                                 for crops, _ in loader.center_crops(val, EVAL_CHUNK)])
@@ -499,6 +502,13 @@ def save_samples(folder, val, held, image_size):
     return written
 
 
+def optimizer(params, tc):
+    """AdamW with the run's weight decay. With --temperature T the logit scale is set to 1/T and never updated."""
+    if tc.temperature:
+        params["logit_scale"] = mc.xp.asarray(math.log(1 / tc.temperature), dtype=params["logit_scale"].dtype)
+    return mc.AdamW(params, weight_decay=tc.weight_decay, frozen=("logit_scale",) if tc.temperature else ())
+
+
 def setup(args):
     """Everything the loop needs, fresh or from --resume: a dict of the run's state. Reads files, writes none."""
     check_args(args)
@@ -531,10 +541,8 @@ def setup(args):
         params = mc.init_params(cfg, seed=tc.seed)
     if tok.vocab_size != cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
-    if tc.temperature and not args.resume:
-        params["logit_scale"] = np.asarray(math.log(1 / tc.temperature), dtype=params["logit_scale"].dtype)
     params = mc.to_device(params)
-    opt = mc.AdamW(params, weight_decay=tc.weight_decay, frozen=("logit_scale",) if tc.temperature else ())
+    opt = optimizer(params, tc)
     if args.resume:
         opt.m = mc.to_device({k: extra[f"adam.m.{k}"] for k in params})
         opt.v = mc.to_device({k: extra[f"adam.v.{k}"] for k in params})

@@ -114,13 +114,12 @@ def choose(params, cfg, tok, test, templates=("{}",)):
     """Accuracy on a multiple-choice test: each image takes the candidate its embedding is closest to
     (the bag-of-words model: the candidate whose words it finds most probable)."""
     texts = sorted({c for options in test["candidates"] for c in options})
-    prompts = tok.tokenize([t.format(c) for c in texts for t in templates], 20, truncate=True)
+    prompts = train.prompt_ids(tok, cfg, texts, templates)
     if cfg.objective == "bow":
         pixels = mc.normalize(center(test["images"]))
-        scores = mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(pixels), mc.to_device(prompts),
-                                                 len(templates)))
+        scores = mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(pixels), prompts, len(templates)))
     else:
-        classes = mc.to_numpy(mc.class_embeddings(params, cfg, mc.to_device(prompts), len(templates)))
+        classes = mc.to_numpy(mc.class_embeddings(params, cfg, prompts, len(templates)))
         scores = image_features(params, cfg, test["images"]) @ classes.T
     column = {t: i for i, t in enumerate(texts)}
     right = [max(options, key=lambda c: scores[i, column[c]]) == options[a]
@@ -162,14 +161,12 @@ def run(name, settings, seed, scale, evaluations=4):
     B = settings["batch"]
     steps = scale.images_seen // B
     tc = train.TrainConfig(steps=steps, batch_size=B, lr=2e-3 * math.sqrt(B / 128), warmup=max(1, steps // 15),
-                           seed=seed)
+                           seed=seed, temperature=settings["temperature"], random_crop=settings["crop"])
     params = mc.to_device(mc.init_params(cfg, seed=seed))
-    if settings["temperature"]:
-        params["logit_scale"] = mc.xp.asarray(math.log(1 / settings["temperature"]), dtype=np.float32)
-    opt = mc.AdamW(params, weight_decay=tc.weight_decay, frozen=("logit_scale",) if settings["temperature"] else ())
+    opt = train.optimizer(params, tc)
     slack, t0, curve = data.load_size(IMAGE) - IMAGE, time.time(), []
     for step in range(steps):
-        idx, offsets = data.batch_plan(step, len(pairs), B, seed, slack, settings["crop"])
+        idx, offsets = data.batch_plan(step, len(pairs), B, seed, slack, tc.random_crop)
         crops = np.stack([pairs.images[i, y:y + IMAGE, x:x + IMAGE] for i, (y, x) in zip(idx, offsets)])
         pixels, ids = train.batch_inputs(crops, [pairs.captions[i] for i in idx], tok, cfg)
         loss, grads = mc.loss_and_grads(params, cfg, pixels, ids)

@@ -147,7 +147,7 @@ def join_surrogates(match):
 
 
 def fix_text(text):
-    """
+    r"""
     ftfy.fix_text's fixed rules (the list above) without its mojibake repair.
     >>> fix_text("\u201cﬁne\u201d &amp; Ｈi\x1b[0m\r\n")
     '"fine" & Hi\n'

@@ -1,6 +1,8 @@
 """data.py: the generated world, CSV and shard indexes, the batch plan, and the loader's workers."""
+import csv
 import io
 import os
+import random
 import tarfile
 
 import numpy as np
@@ -125,8 +127,58 @@ def test_csv_separator_as_typed():
         data.csv_separator("ab")
 
 
+def test_strings_hold_a_list_of_str():
+    words = ["", "a", "h\u00e9llo", "two words", "\u65e5\u672c", ""]
+    s = data.Strings.of(words)
+    assert len(s) == 6 and list(s) == words and [s[i] for i in range(6)] == words and s[1:4] == words[1:4]
+    assert list(s.take(np.array([4, 0, 2]))) == [words[4], words[0], words[2]]
+    both = data.Strings.concat([data.Strings.of(words[:2]), data.Strings.of(words[2:])])
+    assert list(both) == words and list(both.take(np.array([5, 3]))) == [words[5], words[3]]
+
+
+def random_csv(rng, kind, width=3, rows=60):
+    """CSV text: plain fields; the same with old Macintosh line ends (CR); quoted fields (separators,
+    quotes, line breaks) from a third of the way in; or unquoted lines with the wrong number of fields,
+    blank lines and CRs."""
+    def field(alphabet):
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\n")
+    for i in range(rows):
+        if kind in ("plain", "cr") or (kind == "quoted" and i < rows // 3):
+            out.write(",".join(field("ab c") for _ in range(width)) + rng.choice(["\r"] if kind == "cr" else ["\n", "\r\n"]))
+        elif kind == "quoted":
+            writer.writerow([field(['a', ' ', ',', '"', '\n', '\u00e9']) for _ in range(width)])
+        else:
+            out.write(",".join(field("ab ") for _ in range(rng.choice([0, 1, width, width, width + 1])))
+                      + rng.choice(["\n", "\n", "\r\n", "\r"]))
+    return out.getvalue().rstrip("\r\n") if rng.random() < 0.5 else out.getvalue()    # the last line with no line break, or one
+
+
+@pytest.mark.parametrize("kind", ["plain", "cr", "quoted", "ragged"])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("chunk", [1, 40])
+def test_csv_columns_read_what_the_csv_module_reads(tmp_path, monkeypatch, kind, seed, chunk):
+    """The fast path (str.split) and the csv module agree, chunk boundaries included (chunks of one
+    line, and of a few); plain text never reaches the csv module."""
+    width = 3
+    path = tmp_path / "p.csv"
+    path.write_text(random_csv(random.Random(seed), kind, width), newline="")
+    with open(path, newline="") as f:
+        expected = [(row + [""] * width)[:width] for row in csv.reader(f)]
+    calls, csv_reader = [], csv.reader
+    monkeypatch.setattr(data, "CSV_BYTES", chunk)
+    monkeypatch.setattr(data.csv, "reader", lambda *a, **k: calls.append(1) or csv_reader(*a, **k))
+    with open(path, newline="") as f:
+        chunks = list(data.csv_columns(f, ",", width))
+    got = [list(row) for chunk in chunks for row in zip(*chunk)]
+    assert got == expected and len(chunks) > 3
+    assert (calls == []) == (kind == "plain")
+
+
 def test_split_caps_validation():
-    pairs = data.Pairs([str(i) for i in range(1000)], list(range(1000)), list(range(1000)))
+    captions = data.Strings.of([str(i) for i in range(1000)])
+    pairs = data.Pairs(captions, np.arange(1000), captions)
     train, val = data.split(pairs, 0.1, 30, seed=0)
     assert len(val) == 30 and len(train) == 970 and not set(train.captions) & set(val.captions)
     assert data.split(pairs, 0.0, 30, seed=0)[1] is None
@@ -179,7 +231,7 @@ def test_prefetch_is_bounded(tmp_path):
 
 def test_in_memory_pairs_are_cropped_at_their_offsets():
     images = np.random.default_rng(0).integers(0, 256, (5, 36, 36, 3), dtype=np.uint8)
-    pairs = data.Pairs(list("abcde"), list(range(5)), list("abcde"), images=images)
+    pairs = data.Pairs(data.Strings.of(list("abcde")), np.arange(5), data.object_column(list("abcde")), images=images)
     offsets = np.array([[0, 4], [3, 1]])
     (crops, idx), = data.Loader(32, workers=2).batches(pairs, [(np.array([4, 1]), offsets)])
     assert np.array_equal(crops[0], images[4, 0:32, 4:36]) and np.array_equal(crops[1], images[1, 3:35, 1:33])
@@ -198,7 +250,7 @@ def test_csv_rows_checked_against_folder_listings(tmp_path):
     with pytest.raises(data.DataError, match="4 bad rows, first: line 6: img/sub: no such file; line 7: img/b.png"):
         data.read_csv(str(tmp_path / "p.csv"), "filepath", "title", ",", skip_bad=False)
     pairs = data.read_csv(str(tmp_path / "p.csv"), "filepath", "title", ",", skip_bad=True)
-    assert pairs.captions == ["relative", "absolute", "symlink", "dotdot"]
+    assert list(pairs.captions) == ["relative", "absolute", "symlink", "dotdot"]
     assert pairs.locators[0] == os.path.join(str(tmp_path), "img/a.png") and pairs.locators[1] == f"{tmp_path}/img/a.png"
 
 

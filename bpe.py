@@ -221,7 +221,7 @@ def merge(symbols, pair, new):
 # Training
 
 
-def train(texts, vocab_size, min_count=2, verbose=False):
+def learn(texts, vocab_size, min_count=2, verbose=False):
     """
     Learn merges from an iterable of texts until the vocabulary holds vocab_size tokens (512 byte
     symbols + merges + 2 specials), or no pair occurs min_count times. Returns a Tokenizer.

@@ -133,6 +133,12 @@ def load_size(image_size):
     return image_size + image_size // 8
 
 
+def center_crop(images, size):
+    """The centered size x size square of each image: (n, L, L, 3) -> (n, size, size, 3), a view."""
+    o = (images.shape[1] - size) // 2
+    return images[:, o:o + size, o:o + size]
+
+
 class Progress:
     """Prints `message: done/total (seconds)` every 5 seconds of a long phase, and when it ends; a short phase prints nothing."""
 
@@ -258,14 +264,14 @@ def shapes_world(n_train, n_eval, seed, image_size):
     side = load_size(image_size)
     t0 = time.time()
     images, captions, attrs = make_shapes(n_train, train_pairs, seed, side)
-    train = Pairs(Strings.of(captions), np.arange(n_train), object_column(attrs), images=images, source="generated shapes")
+    train_set = Pairs(Strings.of(captions), np.arange(n_train), object_column(attrs), images=images, source="generated shapes")
     images, captions, attrs = make_shapes(n_eval, held, seed + 1, side)
     val = Pairs(Strings.of(captions), np.arange(n_eval), object_column(attrs), np.array([LABELS.index(f"{a[0]} {a[1]}") for a in attrs]),
                 images=images, source="generated shapes")
     print(f"data: {n_train} generated training images of {len(train_pairs)} color-shape pairs, "
           f"{n_eval} of the {len(held)} held-out pairs ({', '.join(' '.join(p) for p in held)}); "
           f"{time.time() - t0:.1f}s")
-    return train, val, held
+    return train_set, val, held
 
 
 # -----------------------------------------------------------------------------
@@ -710,7 +716,7 @@ class Loader:
 
     def center_crops(self, pairs, chunk):
         """All the pairs' images, center-cropped, in batches of up to `chunk` (evaluation)."""
-        o = (self.side - self.size) // 2
+        o = (self.side - self.size) // 2                # center_crop's offsets
         requests = ((np.arange(i, min(i + chunk, len(pairs))), np.full((min(chunk, len(pairs) - i), 2), o))
                     for i in range(0, len(pairs), chunk))
         return self.batches(pairs, requests)

@@ -15,8 +15,11 @@ Notation used in every shape comment:
     S   image side in pixels
 
 Conventions. A layer is a pair: `x_forward(...) -> (out, cache)` and `x_backward(dout, cache) ->
-grads`, the grads in the order of the forward's arguments. Linear weights are stored as PyTorch
-stores them, (out_features, in_features), so that OpenAI's checkpoints load without a transpose.
+grads`, the grads in the order of the forward's arguments. A backward made of several steps lists
+them bottom-up, each under a comment that quotes the forward line it differentiates. The encoders
+take the parameters as a dict and their backwards return a dict of gradients under the same names.
+Linear weights are stored as PyTorch stores them, (out_features, in_features), so that OpenAI's
+checkpoints load without a transpose.
 """
 import json
 import math
@@ -51,32 +54,6 @@ def set_device(device):
 
 
 set_device(os.environ.get("MINICLIP_DEVICE", "cpu"))
-
-
-def keep_freed_memory():
-    """
-    A speed setting for glibc's malloc, applied once at import. Every NumPy temporary is a fresh
-    buffer, and glibc serves blocks over 128 KiB with mmap and hands them back to the OS on free, so
-    the next temporary page-faults on each of its 4 KiB pages. Raising the mmap and trim thresholds
-    keeps freed memory in the process for reuse. benchmarks/bench.py measures what it saves on a tiny
-    train step, and the peak memory, against glibc's defaults (MINICLIP_MALLOC_DEFAULTS=1 skips this).
-    A no-op where libc is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-    if os.environ.get("MINICLIP_MALLOC_DEFAULTS") == "1":
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)    # glibc's largest allowed value
-        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
-        libc.mallopt(M_TOP_PAD, 64 * 2 ** 20)
-    except (OSError, AttributeError):
-        pass
-
-
-keep_freed_memory()
 
 
 def to_device(tree):
@@ -157,9 +134,10 @@ def layernorm_backward(dout, cache):
 def quickgelu_forward(x):
     """
     CLIP's activation, a cheap GELU: out = x * s with s = sigmoid(1.702 x) = 1 / (1 + exp(-1.702 x)).
-    Any shape. Written as three in-place passes over one buffer (exp, +1, reciprocal): this layer
-    sees the widest activations of the model (N, T, 4D), and a tanh form or fresh temporaries cost
-    about three times as long. For x < -52, exp overflows to inf and s = 1/inf = 0, the right limit.
+    Any shape. s is one new buffer, made by exp and then updated in place (+1, reciprocal), and out
+    a second: this layer sees the widest activations of the model (N, T, 4D), and a tanh form or a
+    fresh temporary per operation cost about three times as long. For x < -52, exp overflows to inf
+    and s = 1/inf = 0, the right limit.
     """
     with numpy.errstate(over="ignore"):
         s = xp.exp(x * -1.702)
@@ -288,15 +266,15 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, causal):
     Dh = D // H
     qkv, in_cache = linear_forward(x, w_in, b_in)                       # (N, T, 3D)
     qkv = qkv.reshape(N, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)           # (3, N, H, T, Dh)
-    q = qkv[0] * (1.0 / math.sqrt(Dh))                                  # (N, H, T, Dh), pre-scaled
+    qs = qkv[0] * (1.0 / math.sqrt(Dh))                                 # (N, H, T, Dh): q / sqrt(Dh)
     k, v = qkv[1], qkv[2]                                               # (N, H, T, Dh)
-    scores = q @ k.transpose(0, 1, 3, 2)                                # (N, H, T, T)
+    scores = qs @ k.transpose(0, 1, 3, 2)                               # (N, H, T, T)
     if causal:
         scores += causal_mask(T, scores.dtype)
     att, att_cache = softmax_forward(scores)                            # (N, H, T, T)
     y = (att @ v).transpose(0, 2, 1, 3).reshape(N, T, D)                # (N, T, D), heads side by side
     out, out_cache = linear_forward(y, w_out, b_out)                    # (N, T, D)
-    return out, (in_cache, q, k, v, att_cache, out_cache, H)
+    return out, (in_cache, qs, k, v, att_cache, out_cache, H)
 
 
 def causal_mask(T, dtype):
@@ -306,19 +284,28 @@ def causal_mask(T, dtype):
 
 def attention_backward(dout, cache):
     """
-    The forward in reverse. With y = A v and A = softmax(s), s = q k^T (q already divided by sqrt(Dh)):
-        dA = dy v^T,  dv = A^T dy,  ds = softmax_backward(dA),  dq = ds k / sqrt(Dh),  dk = ds^T q
+    The forward in reverse, each step under the forward line it differentiates. With qs = q / sqrt(Dh),
+    s = qs k^T, A = softmax(s) and y = A v:
+        dv = A^T dy,  dA = dy v^T,  ds = softmax_backward(dA),  dqs = ds k,  dk = ds^T qs,  dq = dqs / sqrt(Dh)
     The mask is a constant, so it sends no gradient; masked entries of A are 0 and get ds = 0.
     Returns (dx, dw_in, db_in, dw_out, db_out).
     """
-    in_cache, q, k, v, att_cache, out_cache, H = cache
-    N, _, T, Dh = q.shape
+    in_cache, qs, k, v, att, out_cache, H = cache
+    N, _, T, Dh = qs.shape
+    # out = y w_out^T + b_out
     dy, dw_out, db_out = linear_backward(dout, out_cache)               # (N, T, D)
+    # y = concat_heads(A v)
     dy = dy.reshape(N, T, H, Dh).transpose(0, 2, 1, 3)                  # (N, H, T, Dh)
-    dv = att_cache.transpose(0, 1, 3, 2) @ dy                           # (N, H, T, Dh)
-    ds = softmax_backward(dy @ v.transpose(0, 1, 3, 2), att_cache)      # (N, H, T, T)
-    dq = (ds @ k) * (1.0 / math.sqrt(Dh))                               # (N, H, T, Dh)
-    dk = ds.transpose(0, 1, 3, 2) @ q                                   # (N, H, T, Dh)
+    dv = att.transpose(0, 1, 3, 2) @ dy                                 # (N, H, T, Dh)
+    dA = dy @ v.transpose(0, 1, 3, 2)                                   # (N, H, T, T)
+    # A = softmax(s)
+    ds = softmax_backward(dA, att)                                      # (N, H, T, T)
+    # s = qs k^T
+    dqs = ds @ k                                                        # (N, H, T, Dh)
+    dk = ds.transpose(0, 1, 3, 2) @ qs                                  # (N, H, T, Dh)
+    # qs = q / sqrt(Dh)
+    dq = dqs * (1.0 / math.sqrt(Dh))
+    # q, k, v = split(x w_in^T + b_in)
     dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4)              # (N, T, 3, H, Dh)
     dx, dw_in, db_in = linear_backward(dqkv.reshape(N, T, 3 * H * Dh), in_cache)
     return dx, dw_in, db_in, dw_out, db_out
@@ -326,9 +313,19 @@ def attention_backward(dout, cache):
 
 # The residual block and the stack of them. A block's parameters live under a prefix such as
 # "visual.transformer.resblocks.3." with OpenAI's names below it.
-BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
-              "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
-              "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def block_shapes(D):
+    """A block's 12 parameters of width D: OpenAI's names and their shapes (F = 4D)."""
+    return {"ln_1.weight": (D,), "ln_1.bias": (D,),
+            "attn.in_proj_weight": (3 * D, D), "attn.in_proj_bias": (3 * D,),
+            "attn.out_proj.weight": (D, D), "attn.out_proj.bias": (D,),
+            "ln_2.weight": (D,), "ln_2.bias": (D,),
+            "mlp.c_fc.weight": (4 * D, D), "mlp.c_fc.bias": (4 * D,),
+            "mlp.c_proj.weight": (D, 4 * D), "mlp.c_proj.bias": (D,)}
+
+
+BLOCK_KEYS = tuple(block_shapes(1))
 
 
 def block_forward(x, p, n_heads, causal, eps, act="quick_gelu"):
@@ -356,14 +353,22 @@ def block_backward(dout, cache):
     """
     ln1, att, ln2, fc, act, act_cache, proj = cache
     g = {}
+    # h = c_proj(h)
     dh, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = linear_backward(dout, proj)
+    # h = act(h)
     dh = ACTIVATIONS[act][1](dh, act_cache)
+    # h = c_fc(h)
     dh, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = linear_backward(dh, fc)
+    # h = ln_2(x)
     dh, g["ln_2.weight"], g["ln_2.bias"] = layernorm_backward(dh, ln2)
+    # out = x + h: the residual path and the MLP branch both read x
     dx = dout + dh
+    # h = attention(h)
     dh, g["attn.in_proj_weight"], g["attn.in_proj_bias"], g["attn.out_proj.weight"], \
         g["attn.out_proj.bias"] = attention_backward(dx, att)
+    # h = ln_1(x)
     dh, g["ln_1.weight"], g["ln_1.bias"] = layernorm_backward(dh, ln1)
+    # x = x + h: the same again for the attention branch
     return dx + dh, g
 
 
@@ -398,8 +403,9 @@ def transformer_forward(x, params, prefix, n_layers, n_heads, causal, eps, act, 
     return x, caches
 
 
-def transformer_backward(dout, caches, prefix, params, grads):
-    """The blocks in reverse order; their gradients go into `grads` under their full names."""
+def transformer_backward(dout, caches, prefix, params):
+    """The blocks in reverse order. Returns (dx, the blocks' gradients under their full names)."""
+    grads = {}
     for i in reversed(range(len(caches))):
         bp = f"{prefix}resblocks.{i}."
         cache = caches[i]
@@ -407,9 +413,8 @@ def transformer_backward(dout, caches, prefix, params, grads):
             _, cache = block_forward(cache.x, {k: params[bp + k] for k in BLOCK_KEYS}, cache.n_heads,
                                      cache.causal, cache.eps, cache.act)
         dout, g = block_backward(dout, cache)
-        for k, v in g.items():
-            grads[bp + k] = v
-    return dout
+        grads.update({bp + k: v for k, v in g.items()})
+    return dout, grads
 
 
 def patchify(pixels, P):
@@ -434,12 +439,12 @@ def embed_image_forward(patches, conv_w, cls, pos):
     """
     N, L, _ = patches.shape
     D = conv_w.shape[0]
-    x, lin = linear_forward(patches, conv_w.reshape(D, -1))            # (N, G*G, D)
+    x = patches @ conv_w.reshape(D, -1).T                               # (N, G*G, D)
     out = xp.empty((N, 1 + L, D), dtype=x.dtype)
     out[:, 0] = cls
     out[:, 1:] = x
     out += pos
-    return out, (lin, conv_w.shape)
+    return out, (patches, conv_w.shape)
 
 
 def embed_image_backward(dout, cache):
@@ -448,10 +453,10 @@ def embed_image_backward(dout, cache):
     over the batch. Pixels are data, so only conv1's gradient is formed: dW = dout^T patches.
     Returns (dconv_w, dcls, dpos).
     """
-    (patches2, _, _), w_shape = cache
+    patches, w_shape = cache
     D = dout.shape[-1]
-    dconv = (dout[:, 1:].reshape(-1, D).T @ patches2).reshape(w_shape)
-    return dconv, dout[:, 0].sum(axis=0), dout.sum(axis=0)
+    dconv = dout[:, 1:].reshape(-1, D).T @ patches.reshape(-1, patches.shape[-1])     # (D, 3PP)
+    return dconv.reshape(w_shape), dout[:, 0].sum(axis=0), dout.sum(axis=0)
 
 
 def embed_tokens_forward(ids, tok, pos):
@@ -502,6 +507,11 @@ def l2_normalize_forward(x):
     norm = xp.sqrt((x * x).sum(axis=-1, keepdims=True))
     y = x / norm
     return y, (y, norm)
+
+
+def l2_normalize(x):
+    """l2_normalize_forward without the cache, for inference."""
+    return l2_normalize_forward(x)[0]
 
 
 def l2_normalize_backward(dout, cache):
@@ -582,14 +592,17 @@ def clip_loss_backward(cache):
     """
     img, txt, rows, s, z_i2t, z_t2i, p_i2t, p_t2i = cache
     n = z_i2t.shape[0]
+    # loss = (CE(Z_i2t, own) + CE(Z_t2i, own)) / 2, each the mean of n rows
     y = xp.zeros_like(z_i2t)
     y[xp.arange(n), xp.arange(rows.start, rows.stop)] = 1               # (n, N)
     dz_i2t = (p_i2t - y) / (2 * n)
     dz_t2i = (p_t2i - y) / (2 * n)
+    # z_t2i = s * txt[rows] @ img^T, and z_i2t = s * img[rows] @ txt^T
     dimg = s * (dz_t2i.T @ txt[rows])                                   # (N, E)
     dtxt = s * (dz_i2t.T @ img[rows])                                   # (N, E)
     dimg[rows] += s * (dz_i2t @ txt)
     dtxt[rows] += s * (dz_t2i @ img)
+    # s = exp(t): dt = sum(dZ * dZ/dt) = sum(dZ * Z)
     dt = (dz_i2t * z_i2t).sum() + (dz_t2i * z_t2i).sum()
     return dimg, dtxt, dt
 
@@ -690,16 +703,7 @@ def param_shapes(cfg):
     P, G = cfg.patch_size, cfg.image_size // cfg.patch_size
 
     def blocks(prefix, D, n):
-        shapes = {}
-        for i in range(n):
-            for k, s in (("ln_1.weight", (D,)), ("ln_1.bias", (D,)),
-                         ("attn.in_proj_weight", (3 * D, D)), ("attn.in_proj_bias", (3 * D,)),
-                         ("attn.out_proj.weight", (D, D)), ("attn.out_proj.bias", (D,)),
-                         ("ln_2.weight", (D,)), ("ln_2.bias", (D,)),
-                         ("mlp.c_fc.weight", (4 * D, D)), ("mlp.c_fc.bias", (4 * D,)),
-                         ("mlp.c_proj.weight", (D, 4 * D)), ("mlp.c_proj.bias", (D,))):
-                shapes[f"{prefix}resblocks.{i}.{k}"] = s
-        return shapes
+        return {f"{prefix}resblocks.{i}.{k}": shape for i in range(n) for k, shape in block_shapes(D).items()}
 
     return {
         "visual.conv1.weight": (Dv, 3, P, P),
@@ -783,18 +787,24 @@ def encode_image_forward(params, cfg, pixels, keep_cache=True, checkpoint=False)
     return feat, (emb, ln_pre, blocks, x.shape, ln_post, cls)
 
 
-def encode_image_backward(dfeat, cache, params, grads):
-    """encode_image_forward read from the bottom up. Adds every visual.* gradient to `grads`."""
+def encode_image_backward(dfeat, cache, params):
+    """encode_image_forward read from the bottom up. Returns the gradient of every visual.* parameter."""
     emb, ln_pre, blocks, x_shape, ln_post, cls = cache
-    grads["visual.proj"] = cls.T @ dfeat                                # (Dv, E)
+    # feat = cls @ visual.proj
+    g = {"visual.proj": cls.T @ dfeat}                                  # (Dv, E)
     dcls = dfeat @ params["visual.proj"].T                              # (N, Dv)
-    dcls, grads["visual.ln_post.weight"], grads["visual.ln_post.bias"] = layernorm_backward(dcls, ln_post)
-    dx = xp.zeros(x_shape, dtype=dcls.dtype)
+    # cls = layernorm(x[:, 0], ln_post)
+    dcls, g["visual.ln_post.weight"], g["visual.ln_post.bias"] = layernorm_backward(dcls, ln_post)
+    dx = xp.zeros(x_shape, dtype=dcls.dtype)                            # only the class token was read
     dx[:, 0] = dcls
-    dx = transformer_backward(dx, blocks, "visual.transformer.", params, grads)
-    dx, grads["visual.ln_pre.weight"], grads["visual.ln_pre.bias"] = layernorm_backward(dx, ln_pre)
-    grads["visual.conv1.weight"], grads["visual.class_embedding"], grads["visual.positional_embedding"] = \
+    # x = transformer(x)
+    dx, g_blocks = transformer_backward(dx, blocks, "visual.transformer.", params)
+    # x = layernorm(x, ln_pre)
+    dx, g["visual.ln_pre.weight"], g["visual.ln_pre.bias"] = layernorm_backward(dx, ln_pre)
+    # x = [cls; patches @ conv1] + pos
+    g["visual.conv1.weight"], g["visual.class_embedding"], g["visual.positional_embedding"] = \
         embed_image_backward(dx, emb)
+    return {**g, **g_blocks}
 
 
 def encode_text_forward(params, cfg, ids, keep_cache=True, checkpoint=False):
@@ -814,15 +824,21 @@ def encode_text_forward(params, cfg, ids, keep_cache=True, checkpoint=False):
     return feat, (emb, blocks, pool, ln_final, x)
 
 
-def encode_text_backward(dfeat, cache, params, grads):
-    """encode_text_forward read from the bottom up. Adds every text gradient to `grads`."""
+def encode_text_backward(dfeat, cache, params):
+    """encode_text_forward read from the bottom up. Returns the gradient of every text parameter."""
     emb, blocks, pool, ln_final, x = cache
-    grads["text_projection"] = x.T @ dfeat                              # (Dt, E)
+    # feat = x @ text_projection
+    g = {"text_projection": x.T @ dfeat}                                # (Dt, E)
     dx = dfeat @ params["text_projection"].T                            # (N, Dt)
-    dx, grads["ln_final.weight"], grads["ln_final.bias"] = layernorm_backward(dx, ln_final)
+    # x = layernorm(x, ln_final)
+    dx, g["ln_final.weight"], g["ln_final.bias"] = layernorm_backward(dx, ln_final)
+    # x = x[:, position of EOT]
     dx = eot_pool_backward(dx, pool)                                    # (N, T, Dt)
-    dx = transformer_backward(dx, blocks, "transformer.", params, grads)
-    grads["token_embedding.weight"], grads["positional_embedding"] = embed_tokens_backward(dx, emb)
+    # x = transformer(x)
+    dx, g_blocks = transformer_backward(dx, blocks, "transformer.", params)
+    # x = token_embedding[ids] + positional_embedding
+    g["token_embedding.weight"], g["positional_embedding"] = embed_tokens_backward(dx, emb)
+    return {**g, **g_blocks}
 
 
 # Inference runs the batch in chunks of at most this many tokens, so the activations alive at once
@@ -860,10 +876,8 @@ def features_forward(params, cfg, pixels, ids, checkpoint=False):
 def features_backward(dimg, dtxt, cache, params):
     """features_forward read from the bottom up. Returns the gradient of every parameter but logit_scale."""
     img_cache, img_norm, txt_cache, txt_norm = cache
-    grads = {}
-    encode_text_backward(l2_normalize_backward(dtxt, txt_norm), txt_cache, params, grads)
-    encode_image_backward(l2_normalize_backward(dimg, img_norm), img_cache, params, grads)
-    return grads
+    return {**encode_image_backward(l2_normalize_backward(dimg, img_norm), img_cache, params),
+            **encode_text_backward(l2_normalize_backward(dtxt, txt_norm), txt_cache, params)}
 
 
 def loss_and_grads(params, cfg, pixels, ids, checkpoint=False):
@@ -888,8 +902,7 @@ def bow_loss_and_grads(params, cfg, pixels, ids, checkpoint=False):
                                         bag_of_words(ids, cfg.vocab_size).astype(feat.dtype))
     dfeat, dw, db = bow_loss_backward(loss_cache)
     grads = {k: xp.zeros_like(v) for k, v in params.items()}
-    grads["bow.weight"], grads["bow.bias"] = dw, db
-    encode_image_backward(dfeat, cache, params, grads)
+    grads.update(encode_image_backward(dfeat, cache, params), **{"bow.weight": dw, "bow.bias": db})
     return loss, grads
 
 
@@ -905,19 +918,14 @@ def bow_label_scores(params, cfg, pixels, ids, n_templates):
     return (logp @ q.T).reshape(len(logp), -1, n_templates).mean(axis=2)
 
 
-def normalized(x):
-    """Rows scaled to unit length."""
-    return x / xp.sqrt((x * x).sum(axis=-1, keepdims=True))
-
-
 def class_embeddings(params, cfg, ids, n_templates):
     """
     CLIP's zero-shot classifier, with prompt ensembling: each label is written into n_templates
     prompts ("a photo of a {}", ...); the prompts' normalized embeddings are averaged per label and the
     average normalized again. ids: (labels * n_templates, T), label-major   ->   (labels, E)
     """
-    feats = normalized(encode_text(params, cfg, ids))
-    return normalized(feats.reshape(len(ids) // n_templates, n_templates, -1).mean(axis=1))
+    feats = l2_normalize(encode_text(params, cfg, ids))                                # (labels * n_templates, E)
+    return l2_normalize(feats.reshape(len(ids) // n_templates, n_templates, -1).mean(axis=1))
 
 
 # -----------------------------------------------------------------------------
@@ -1376,7 +1384,7 @@ def resize_and_crop(img, size, crop=None):
     return img.crop((left, top, left + crop, top + crop))
 
 
-def normalize(uint8_images, mean=CLIP_MEAN, std=CLIP_STD):
+def normalize_pixels(uint8_images, mean=CLIP_MEAN, std=CLIP_STD):
     """(..., S, S, 3) uint8 RGB -> (..., 3, S, S) float32: scaled to [0, 1], then CLIP's mean and std."""
     x = uint8_images.astype(numpy.float64) / 255.0
     x = (x - numpy.array(mean)) / numpy.array(std)
@@ -1385,4 +1393,4 @@ def normalize(uint8_images, mean=CLIP_MEAN, std=CLIP_STD):
 
 def preprocess(img, size, crop=None, mean=CLIP_MEAN, std=CLIP_STD):
     """A PIL image as CLIP's model input: (3, crop, crop) float32 NumPy."""
-    return normalize(numpy.asarray(resize_and_crop(img.convert("RGB"), size, crop)), mean, std)
+    return normalize_pixels(numpy.asarray(resize_and_crop(img.convert("RGB"), size, crop)), mean, std)

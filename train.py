@@ -43,6 +43,30 @@ import data
 import miniclip as mc
 
 
+def keep_freed_memory():
+    """
+    A speed setting for glibc's malloc, which main() applies to the training process (importing this
+    file does not). Every NumPy temporary is a fresh buffer, and glibc serves blocks over 128 KiB with
+    mmap and hands them back to the OS on free, so the next temporary page-faults on each of its 4 KiB
+    pages. Raising the mmap and trim thresholds
+    keeps freed memory in the process for reuse. benchmarks/bench.py measures what it saves on a tiny
+    train step, and the peak memory, against glibc's defaults (MINICLIP_MALLOC_DEFAULTS=1 skips this).
+    A no-op where libc is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    if os.environ.get("MINICLIP_MALLOC_DEFAULTS") == "1":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)    # glibc's largest allowed value
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
+        libc.mallopt(M_TOP_PAD, 64 * 2 ** 20)
+    except (OSError, AttributeError):
+        pass
+
+
 class UserError(Exception):
     """A problem with the user's input or files: printed as one line, exit status 1."""
 
@@ -68,7 +92,7 @@ def trim(ids):
 def batch_inputs(crops, captions, tok, cfg):
     """uint8 crops (n, S, S, 3) and n captions -> the model's (pixels (n, 3, S, S), ids (n, T)) on the device."""
     ids = tok.tokenize(captions, cfg.context_length, truncate=True)
-    return mc.to_device(mc.normalize(crops)), mc.to_device(trim(ids))
+    return mc.to_device(mc.normalize_pixels(crops)), mc.to_device(trim(ids))
 
 
 # -----------------------------------------------------------------------------
@@ -82,15 +106,15 @@ def embed_images(params, cfg, pairs, loader):
     """Normalized embeddings of every image of pairs, center-cropped, as NumPy (N, E)."""
     shown, out = data.Progress("evaluating, images", len(pairs)), []
     for crops, _ in loader.center_crops(pairs, EVAL_CHUNK):
-        pixels = mc.to_device(mc.normalize(crops))
-        out.append(mc.to_numpy(mc.normalized(mc.encode_image(params, cfg, pixels))))
+        pixels = mc.to_device(mc.normalize_pixels(crops))
+        out.append(mc.to_numpy(mc.l2_normalize(mc.encode_image(params, cfg, pixels))))
         shown.update(sum(len(o) for o in out))
     return np.concatenate(out)
 
 
 def embed_texts(params, cfg, tok, texts):
     """Normalized text embeddings as NumPy, (N, E)."""
-    return np.concatenate([mc.to_numpy(mc.normalized(mc.encode_text(params, cfg, mc.to_device(trim(
+    return np.concatenate([mc.to_numpy(mc.l2_normalize(mc.encode_text(params, cfg, mc.to_device(trim(
         tok.tokenize(texts[i:i + EVAL_CHUNK], cfg.context_length, truncate=True))))))
         for i in range(0, len(texts), EVAL_CHUNK)])
 
@@ -114,9 +138,17 @@ def recall_at(queries, items, query_keys, item_keys, ks=(1, 5)):
 
 
 def prompt_ids(tok, cfg, labels, templates):
-    """Every label in every template, label-major, as token ids on the device: (labels * templates, T)."""
-    return mc.to_device(tok.tokenize([t.format(label) for label in labels for t in templates], cfg.context_length,
-                                     truncate=True))
+    """
+    Every label in every template, label-major, as token ids on the device: (labels * templates, T).
+    A prompt longer than the context is cut, with a warning.
+    """
+    prompts = [t.format(label) for label in labels for t in templates]
+    for p in prompts:
+        n = len(tok.encode(p)) + 2
+        if n > cfg.context_length:
+            print(f"warning: prompt {p[:60]!r} is {n} tokens, over the context of {cfg.context_length}; "
+                  "truncated", file=sys.stderr)
+    return mc.to_device(tok.tokenize(prompts, cfg.context_length, truncate=True))
 
 
 def evaluate(params, cfg, tok, val, labels, templates, loader):
@@ -142,7 +174,7 @@ def evaluate_bow(params, cfg, tok, val, labels, templates, loader):
     if val.labels is None:
         return {}
     prompts = prompt_ids(tok, cfg, labels, templates)
-    predicted = np.concatenate([mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(mc.normalize(crops)),
+    predicted = np.concatenate([mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(mc.normalize_pixels(crops)),
                                                                 prompts, len(templates))).argmax(axis=1)
                                 for crops, _ in loader.center_crops(val, EVAL_CHUNK)])
     return {"zeroshot_top1": float((predicted == val.labels).mean())}
@@ -431,8 +463,9 @@ def check_args(args):
     data.csv_separator(args.csv_separator)
     if args.objective != "contrastive" and args.init:
         raise UserError(f"--objective {args.objective} trains from scratch: it cannot start from --init's weights")
-    if args.tiny and args.data:
-        raise UserError("--tiny trains on generated shapes and --data on your files: give one of them")
+    if args.tiny and (args.data or args.init or args.preset != "tiny"):
+        given = "--data" if args.data else "--init" if args.init else f"--preset {args.preset}"
+        raise UserError(f"--tiny is the tiny model on generated shapes; {given} asks for another run: give one of them")
     if args.resume:
         given = [f"--{k}" for k in ("init", "data", "tokenizer") if getattr(args, k)] + (["--tiny"] if args.tiny else [])
         if given:
@@ -483,7 +516,7 @@ def learn_tokenizer(captions, vocab_size, seed):
         captions = [captions[i] for i in pick]
     t0 = time.time()
     print(f"tokenizer: learning {vocab_size} tokens from {len(captions):,} captions")
-    tok = bpe.train(captions, vocab_size, verbose=True)
+    tok = bpe.learn(captions, vocab_size, verbose=True)
     print(f"tokenizer: {len(tok.merges)} merges learned, {tok.vocab_size} tokens; {time.time() - t0:.1f}s")
     return tok
 
@@ -491,8 +524,7 @@ def learn_tokenizer(captions, vocab_size, seed):
 def save_samples(folder, val, held, image_size):
     """A few held-out images as PNG, the model's exact input size, for trying zeroshot.py."""
     os.makedirs(folder, exist_ok=True)
-    o = (val.images.shape[1] - image_size) // 2
-    crops = val.images[:, o:o + image_size, o:o + image_size]
+    crops = data.center_crop(val.images, image_size)
     written = []
     for color, kind in held[:4]:
         i = next(j for j, k in enumerate(val.keys) if k[:2] == (color, kind))
@@ -553,7 +585,7 @@ def setup(args):
                 step=meta["step"] if args.resume else 0)
 
 
-def train(args, group=None):
+def run_training(args, group=None):
     """Train; with a group, as one of its processes. Returns the exit status."""
     if args.device:
         mc.set_device(args.device)
@@ -755,7 +787,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("data")
-    src.add_argument("--tiny", action="store_true", help="train on generated shapes (the default without --data)")
+    src.add_argument("--tiny", action="store_true", help="the tiny model on generated shapes (what runs without "
+                     "--data, --init or --preset; with them, refused)")
     src.add_argument("--data", nargs="+", help="a CSV of image paths and captions (paths relative to the CSV), or "
                      "webdataset .tar shards: paths or brace patterns such as 'shards/{00000..00099}.tar'")
     src.add_argument("--csv-img-key", default="filepath", help="image path column (default: filepath)")
@@ -794,12 +827,13 @@ def parse_args(argv=None):
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)         # a log piped to a file arrives line by line
     args = parse_args(argv)
+    keep_freed_memory()
     group = None
     try:
         group = mpi_group()
         if group and group.rank:
             sys.stdout = open(os.devnull, "w")          # only process 0 prints
-        return train(args, group)
+        return run_training(args, group)
     except GroupError as e:                             # every process raised it: process 0 reports it
         if (group.rank if group else launcher_rank()) == 0:
             print(f"error: {e}", file=sys.stderr)

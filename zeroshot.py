@@ -20,13 +20,10 @@ import numpy as np
 
 import bpe
 import miniclip as mc
+from train import UserError, prompt_ids
 
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "tiny.npz")
 DEFAULT_TEMPLATE = "a photo of a {}."
-
-
-class UserError(Exception):
-    """A problem with the call as a whole: one line on stderr, exit status 1."""
 
 
 def load_model(args):
@@ -105,15 +102,8 @@ def read_labels(args, default):
 
 
 def classifier(params, cfg, tok, labels, templates):
-    """The (labels, E) class embeddings, computed once per call. Too-long prompts are cut, with a warning."""
-    prompts = [t.format(label) for label in labels for t in templates]
-    for p in prompts:
-        n = len(tok.encode(p)) + 2
-        if n > cfg.context_length:
-            print(f"warning: prompt {p[:60]!r} is {n} tokens, over the context of {cfg.context_length}; "
-                  "truncated", file=sys.stderr)
-    ids = tok.tokenize(prompts, cfg.context_length, truncate=True)
-    return mc.class_embeddings(params, cfg, mc.to_device(ids), len(templates))
+    """The (labels, E) class embeddings, computed once per call."""
+    return mc.class_embeddings(params, cfg, prompt_ids(tok, cfg, labels, templates), len(templates))
 
 
 def print_table(path, labels, probs, topk):
@@ -178,7 +168,7 @@ def embed_images(params, cfg, paths, preprocessing, batch_size):
             except ValueError as e:
                 print(f"error: {path}: {e}", file=sys.stderr)
         if good:
-            yield good, mc.normalized(mc.encode_image(params, cfg, mc.to_device(np.stack(pixels))))
+            yield good, mc.l2_normalize(mc.encode_image(params, cfg, mc.to_device(np.stack(pixels))))
 
 
 def classify(batches, classes, scale, labels, args):
@@ -257,7 +247,7 @@ def main(argv=None):
             texts = [q.strip() for q in args.query]
             if not all(texts):
                 raise UserError("a --query is empty")
-            text_embeddings = mc.normalized(mc.encode_text(params, cfg, mc.to_device(
+            text_embeddings = mc.l2_normalize(mc.encode_text(params, cfg, mc.to_device(
                 tok.tokenize(texts, cfg.context_length, truncate=True))))          # (queries, E)
         else:
             texts = read_labels(args, default_labels)

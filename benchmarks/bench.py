@@ -104,6 +104,8 @@ def measure(framework, task, folder, repeats):
     pixels, ids = inputs(spec, n, text_len)
     if framework == "miniclip":
         import miniclip as mc
+        import train
+        train.keep_freed_memory()                       # as train.py's main() does
         params, cfg = mc.load_weights(folder)
         baseline = rss_mib()
         reset_peak()
@@ -208,7 +210,7 @@ def tokenizer_rows(quick):
     else:
         rows.append(("Tokenizer encode", "not measured: open-clip-torch (CLIP's vocabulary) missing", "", None))
     t0 = time.perf_counter()
-    tok = bpe.train([corpus], 8192)
+    tok = bpe.learn([corpus], 8192)
     rows.append((f"BPE training, {len(corpus) / 2 ** 20:.0f} MiB of text to {tok.vocab_size} tokens",
                  f"{time.perf_counter() - t0:.1f} s", "no counterpart", None))
     return rows

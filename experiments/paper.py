@@ -89,7 +89,7 @@ def train_flops(cfg, images):
 def world(seed, scale):
     """The training scenes, tokenizer, held-out pairs and tests of one seed, drawn the same in every process."""
     pairs, held = data.scenes_world(scale.n_train, seed, IMAGE)
-    tok = bpe.train(pairs.captions, 1024)
+    tok = bpe.learn(pairs.captions, 1024)
     train_pairs = [p for p in ((c, s) for c in data.COLORS for s in data.SHAPES) if p not in held]
     all_pairs = train_pairs + held
     tests = {"held": data.scene_tests(scale.n_test, seed, IMAGE, "solid", held),
@@ -100,13 +100,8 @@ def world(seed, scale):
     return pairs, tok, tests
 
 
-def center(images):
-    o = (images.shape[1] - IMAGE) // 2
-    return images[:, o:o + IMAGE, o:o + IMAGE]
-
-
 def image_features(params, cfg, images, unit=True):
-    feats = mc.to_numpy(mc.encode_image(params, cfg, mc.to_device(mc.normalize(center(images)))))
+    feats = mc.to_numpy(mc.encode_image(params, cfg, mc.to_device(mc.normalize_pixels(data.center_crop(images, IMAGE)))))
     return feats / np.linalg.norm(feats, axis=1, keepdims=True) if unit else feats
 
 
@@ -116,7 +111,7 @@ def choose(params, cfg, tok, test, templates=("{}",)):
     texts = sorted({c for options in test["candidates"] for c in options})
     prompts = train.prompt_ids(tok, cfg, texts, templates)
     if cfg.objective == "bow":
-        pixels = mc.normalize(center(test["images"]))
+        pixels = mc.normalize_pixels(data.center_crop(test["images"], IMAGE))
         scores = mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(pixels), prompts, len(templates)))
     else:
         classes = mc.to_numpy(mc.class_embeddings(params, cfg, prompts, len(templates)))

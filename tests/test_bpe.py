@@ -32,7 +32,7 @@ def test_worked_example_by_hand():
     Ids: 512 + rank for merges, then SOT 517 and EOT 518. A byte's id is its place in bytes_to_unicode:
     the printable bytes come first from '!' (33), so 'e' is 101 - 33 = 68, and with </w> 256 + 68.
     """
-    tok = bpe.train(["low low low lower"], vocab_size=514 + 5, min_count=1)
+    tok = bpe.learn(["low low low lower"], vocab_size=514 + 5, min_count=1)
     assert tok.merges == [("l", "o"), ("lo", "w</w>"), ("e", "r</w>"), ("lo", "w"), ("low", "er</w>")]
     assert (tok.sot, tok.eot, tok.vocab_size) == (517, 518, 519)
     assert tok.encode("low lower") == [513, 516]
@@ -44,7 +44,7 @@ def test_worked_example_by_hand():
 
 
 def test_min_count_stops_training():
-    tok = bpe.train(["low low low lower"], vocab_size=600)
+    tok = bpe.learn(["low low low lower"], vocab_size=600)
     assert tok.merges == [("l", "o"), ("lo", "w</w>")]       # the rest occur once
 
 
@@ -63,7 +63,7 @@ def test_clean():
 @pytest.fixture(scope="module")
 def trained():
     corpus = TEXTS * 3 + ["the quick brown fox jumps over the lazy dog " * 5, "über straße 東京 tokyo " * 4]
-    return bpe.train(corpus, vocab_size=800, min_count=1)
+    return bpe.learn(corpus, vocab_size=800, min_count=1)
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -74,7 +74,7 @@ def test_round_trip(trained, text):
 
 
 def test_round_trip_html():
-    tok = bpe.train(["fish &amp; chips"], 520)
+    tok = bpe.learn(["fish &amp; chips"], 520)
     assert tok.decode(tok.encode("fish &amp;amp; chips &lt;3")) == "fish & chips < 3"
 
 

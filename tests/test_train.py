@@ -175,7 +175,7 @@ def test_ctrl_c_saves_and_exits(tmp_path):
 def test_trim_keeps_the_end_of_text_of_captions_with_a_bang():
     """id 0 is the byte "!", a real token: trimming must keep every row's end-of-text and its feature."""
     import bpe
-    tok = bpe.train(["a cat", "a dog", "a bird"] * 5, 530)
+    tok = bpe.learn(["a cat", "a dog", "a bird"] * 5, 530)
     ids = tok.tokenize(["a cat!?", "a dog"], 20)
     assert (ids == 0).any(axis=1)[0]                    # the "!" is there as id 0
     trimmed = train.trim(ids)
@@ -206,12 +206,14 @@ def test_bad_options_are_one_line_and_touch_nothing(tmp_path, capsys):
         ("--workers", "-1"): "--workers must be at least 0",
         ("--csv-separator", "ab"): "--csv-separator must be one character",
         ("--batch-size", "1000"): "--batch-size 1000 is more than the 256 training pairs",
-        ("--data", "x.csv"): "--tiny trains on generated shapes and --data on your files",
+        ("--tiny", "--data", "x.csv"): "--tiny is the tiny model on generated shapes; --data asks for another run",
+        ("--tiny", "--preset", "ViT-L/14"): "--preset ViT-L/14 asks for another run",
+        ("--tiny", "--init", str(tmp_path / "junk.npz")): "--init asks for another run",
         ("--init", str(tmp_path / "junk.npz")): "junk.npz: not a readable miniclip checkpoint (not an .npz archive)",
         ("--init", str(tmp_path / "nothing.npz")): "--init " + str(tmp_path / "nothing.npz") + ": no such file",
     }
     for flags, message in cases.items():
-        assert train.main(["--tiny", *SMALL, "--out", str(out), *flags]) == 1, flags
+        assert train.main([*SMALL, "--out", str(out), *flags]) == 1, flags
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (flags, err)
         assert files_of(tmp_path) == before, flags
@@ -275,7 +277,7 @@ def test_init_with_another_image_size(tmp_path, capsys):
     params, cfg, meta, _ = mc.load_checkpoint(small)
     cfg48 = dataclasses.replace(cfg, image_size=48)
     mc.save_weights(tmp_path / "w48.npz", mc.init_params(cfg48), cfg48, meta={"tokenizer": meta["tokenizer"]})
-    assert train.main(["--tiny", *SMALL, "--steps", "1", "--init", str(tmp_path / "w48.npz"),
+    assert train.main([*SMALL, "--steps", "1", "--init", str(tmp_path / "w48.npz"),
                        "--out", str(tmp_path / "c.npz")]) == 0
     assert mc.load_checkpoint(tmp_path / "c.npz")[1].image_size == 48
 
@@ -321,7 +323,7 @@ def test_training_clamps_the_logit_scale_after_each_step(tmp_path):
     params, cfg, meta, _ = mc.load_checkpoint(start)
     params["logit_scale"] = np.array(5.0, dtype=np.float32)
     mc.save_weights(tmp_path / "hot.npz", params, cfg, meta={"tokenizer": meta["tokenizer"]})
-    assert train.main(["--tiny", *SMALL, "--steps", "1", "--init", str(tmp_path / "hot.npz"),
+    assert train.main([*SMALL, "--steps", "1", "--init", str(tmp_path / "hot.npz"),
                        "--out", str(tmp_path / "c.npz")]) == 0
     assert float(mc.load_checkpoint(tmp_path / "c.npz")[0]["logit_scale"]) == pytest.approx(np.log(100))
 
@@ -437,7 +439,7 @@ def test_bag_of_words_objective_trains_and_is_scored_by_label_words(tmp_path, ca
     p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), str(next((tmp_path / "samples").iterdir())),
                         "--checkpoint", str(out)], capture_output=True, text=True)
     assert p.returncode == 1 and "has no text tower" in p.stderr
-    assert train.main(["--init", str(out), "--objective", "bow", "--tiny", "--steps", "1"]) == 1
+    assert train.main(["--init", str(out), "--objective", "bow", "--steps", "1"]) == 1
     assert "trains from scratch" in capsys.readouterr().err
 
 

@@ -383,21 +383,15 @@ class Tokenizer:
         people: each token's id, its text, and the two tokens it was merged from.
         """
         write_atomic(f"{prefix}.bpe", "\n".join([MINICLIP_HEADER] + [f"{a} {b}" for a, b in self.merges]) + "\n")
+        merged_from = {self.encoder[a + b]: (a, b) for a, b in self.merges}
         lines = []
-        for i in range(self.vocab_size):
-            token = self.decoder.get(i)
-            if token is None:
-                continue
+        for i, token in sorted(self.decoder.items()):
             line = f"{i}\t[{self.readable(token)}]"
-            if i in self.merged_from:
-                a, b = self.merged_from[i]
+            if i in merged_from:
+                a, b = merged_from[i]
                 line += f"\t<- [{self.readable(a)}] + [{self.readable(b)}]"
             lines.append(line)
         write_atomic(f"{prefix}.vocab", "\n".join(lines) + "\n")
-
-    @property
-    def merged_from(self):
-        return {self.encoder[a + b]: (a, b) for a, b in self.merges}
 
     @staticmethod
     def readable(token):

@@ -73,6 +73,19 @@ def test_round_trip(trained, text):
     assert trained.decode(trained.encode(text)) == " ".join(words)
 
 
+def test_encode_cleans_the_text_first(trained):
+    """What fix_text and clean undo (entities, curly quotes, a ligature, full-width letters, case,
+    spacing) does not change the tokens."""
+    assert trained.encode("\u201cThe \ufb01ne  CAT\u201d &amp;amp; \uff34ea\n") == trained.encode('"the fine cat" & tea')
+
+
+def test_docstring_examples():
+    """The examples in bpe.py's docstrings (>>> lines: fix_text, clean, ...) are true."""
+    import doctest
+    result = doctest.testmod(bpe)
+    assert result.attempted >= 3 and result.failed == 0
+
+
 def test_round_trip_html():
     tok = bpe.learn(["fish &amp; chips"], 520)
     assert tok.decode(tok.encode("fish &amp;amp; chips &lt;3")) == "fish & chips < 3"

@@ -127,11 +127,7 @@ def test_causal_attention_ignores_the_future():
 @pytest.mark.parametrize("act", sorted(mc.ACTIVATIONS))
 def test_block(act):
     N, T, D, H = 2, 4, 8, 2
-    keys = mc.BLOCK_KEYS
-    shapes = {"ln_1.weight": (D,), "ln_1.bias": (D,), "attn.in_proj_weight": (3 * D, D),
-              "attn.in_proj_bias": (3 * D,), "attn.out_proj.weight": (D, D), "attn.out_proj.bias": (D,),
-              "ln_2.weight": (D,), "ln_2.bias": (D,), "mlp.c_fc.weight": (4 * D, D),
-              "mlp.c_fc.bias": (4 * D,), "mlp.c_proj.weight": (D, 4 * D), "mlp.c_proj.bias": (D,)}
+    keys, shapes = mc.BLOCK_KEYS, mc.block_shapes(D)
     inputs = [randn(N, T, D)] + [randn(*shapes[k], seed=i) * 0.5 for i, k in enumerate(keys)]
     fwd = lambda x, *p: mc.block_forward(x, dict(zip(keys, p)), H, True, 1e-5, act)
 

@@ -125,6 +125,33 @@ def test_encoders_accept_shorter_text_and_float64():
     assert mc.encode_image(params, MICRO, pixels).shape == (2, MICRO.embed_dim)
 
 
+def test_initial_stds_are_openais():
+    """
+    Each tensor's sample mean and standard deviation against OpenAI's init, the numbers written out
+    for one shape (D = 256, vision 2 layers, text 3, patch 8): a wrong factor in any std fails.
+    """
+    cfg = mc.Config(image_size=64, patch_size=8, vision_width=256, vision_layers=2, vision_heads=4, context_length=32,
+                    vocab_size=2048, text_width=256, text_layers=3, text_heads=4, embed_dim=128)
+    params = mc.init_params(cfg, seed=0, dtype=np.float64)
+    want = {"token_embedding.weight": 0.02, "positional_embedding": 0.01, "visual.class_embedding": 1 / 16,
+            "visual.positional_embedding": 1 / 16, "visual.proj": 1 / 16, "text_projection": 1 / 16,
+            "visual.conv1.weight": (1 / math.sqrt(3 * 8 * 8)) / math.sqrt(3)}       # uniform(+-1/sqrt(fan_in))
+    for prefix, L in (("visual.transformer.", 2), ("transformer.", 3)):
+        for i in range(L):
+            want.update({f"{prefix}resblocks.{i}.attn.in_proj_weight": 1 / 16,
+                         f"{prefix}resblocks.{i}.attn.out_proj.weight": 1 / 16 / math.sqrt(2 * L),
+                         f"{prefix}resblocks.{i}.mlp.c_fc.weight": 1 / math.sqrt(512),
+                         f"{prefix}resblocks.{i}.mlp.c_proj.weight": 1 / 16 / math.sqrt(2 * L)})
+    for name, p in params.items():
+        if name in want:
+            assert abs(p.mean()) < 4 * want[name] / math.sqrt(p.size), name
+            assert abs(p.std() / want[name] - 1) < 0.1, (name, p.std(), want[name])
+        elif name == "logit_scale":
+            assert float(p) == math.log(1 / 0.07)
+        else:                                           # LayerNorm gains 1, every bias 0
+            assert np.all(p == (1.0 if "ln" in name and name.endswith("weight") else 0.0)), name
+
+
 # The tensors weight decay shrinks, by name: open_clip's rule (every tensor of 2 or more dimensions),
 # written out rather than recomputed, so a changed rule fails here. See miniclip.decays.
 DECAYED = {"visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",

@@ -12,6 +12,7 @@ medians over the repeats after one warm-up. GFLOP/s counts the matrix products o
 multiply-add, 3x the forward's for a train step) and is shown as a share of measured sgemm peak.
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,10 +25,29 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import miniclip as mc                                   # noqa: E402  (importing it changes nothing global)
 
 THREADS = os.cpu_count()
-TINY = dict(image=32, patch=8, vision=(96, 3, 3), text=(96, 3, 3), vocab=641, context=20, embed=64)
-B32 = dict(image=224, patch=32, vision=(768, 12, 12), text=(512, 12, 8), vocab=49408, context=77, embed=512)
+
+
+def spec_of(cfg):
+    return dict(image=cfg.image_size, patch=cfg.patch_size, vision=(cfg.vision_width, cfg.vision_layers, cfg.vision_heads),
+                text=(cfg.text_width, cfg.text_layers, cfg.text_heads), vocab=cfg.vocab_size, context=cfg.context_length,
+                embed=cfg.embed_dim)
+
+
+# The tiny train step over head widths and depths: the preset (width 96, 3 heads of 32, 3 image and 2
+# text layers), then one change at a time. Small heads mean many small matrix products in attention.
+tiny = mc.PRESETS["tiny"]
+TRAIN_SPECS = {
+    "tiny preset: 3 heads of 32, 3 + 2 layers": spec_of(tiny),
+    "heads of 16 (6 heads)": spec_of(dataclasses.replace(tiny, vision_heads=6, text_heads=6)),
+    "heads of 24 (4 heads)": spec_of(dataclasses.replace(tiny, vision_heads=4, text_heads=4)),
+    "heads of 48 (2 heads)": spec_of(dataclasses.replace(tiny, vision_heads=2, text_heads=2)),
+    "4 heads of 24, 3 + 3 layers": spec_of(dataclasses.replace(tiny, vision_heads=4, text_heads=4, text_layers=3)),
+    "3 heads of 32, 6 + 4 layers": spec_of(dataclasses.replace(tiny, vision_layers=6, text_layers=4)),
+}
+B32 = spec_of(mc.PRESETS["ViT-B/32"])
 
 
 def hf_config(spec):
@@ -94,16 +114,14 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def measure(framework, task, folder, repeats):
+def measure(framework, task, spec, folder, repeats):
     """
     Runs in its own process: load the weights, note the resident memory, then build the optimizer (for a
     train step) and time the work. Returns the median seconds and the peak memory above that baseline.
     """
-    spec = TINY if task == "train" else B32
     n, text_len = {"train": (128, 16), "image": (16, 77), "text": (256, 77)}[task]
     pixels, ids = inputs(spec, n, text_len)
     if framework == "miniclip":
-        import miniclip as mc
         import train
         train.keep_freed_memory()                       # as train.py's main() does
         params, cfg = mc.load_weights(folder)
@@ -154,8 +172,8 @@ def rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def run_one(framework, task, folder, repeats, **env):
-    out = subprocess.run([sys.executable, __file__, "--one", framework, task, folder, str(repeats)],
+def run_one(framework, task, spec, folder, repeats, **env):
+    out = subprocess.run([sys.executable, __file__, "--one", framework, task, json.dumps(spec), folder, str(repeats)],
                          capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -235,11 +253,11 @@ def stdlib_text(n_bytes):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--one", nargs=4, metavar=("FRAMEWORK", "TASK", "FOLDER", "REPEATS"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=5, metavar=("FRAMEWORK", "TASK", "SPEC", "FOLDER", "REPEATS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        framework, task, folder, repeats = args.one
-        print(json.dumps(measure(framework, task, folder, int(repeats))))
+        framework, task, spec, folder, repeats = args.one
+        print(json.dumps(measure(framework, task, json.loads(spec), folder, int(repeats))))
         return
 
     import platform
@@ -249,31 +267,33 @@ def main():
     peak = sgemm_peak()
     print(f"sgemm peak (NumPy, 2048^3): {peak:.0f} GFLOP/s")
     rows = []
+    gf = lambda r: f"{r['gflop'] / r['seconds']:.0f} ({r['gflop'] / r['seconds'] / peak:.0%})"
+
+    def row(label, res, fmt):
+        return (label, fmt(res["miniclip"]), fmt(res["torch"]), res["miniclip"]["seconds"] / res["torch"]["seconds"],
+                f"{res['miniclip']['peak_mib']:.0f} / {res['torch']['peak_mib']:.0f}",
+                f"{gf(res['miniclip'])} / {gf(res['torch'])}")
+
+    step = lambda r: f"{r['seconds'] * 1000:.0f} ms"
     with tempfile.TemporaryDirectory() as d:
-        for spec, name in ((TINY, "tiny"), (B32, "b32")):
-            make_folder(spec, os.path.join(d, name))
-        for task, label, unit in (("train", "Train step, tiny, batch 128", "s/step"),
-                                  ("image", "ViT-B/32 image encoding, batch 16 at 224", "img/s"),
-                                  ("text", "ViT-B/32 text encoding, batch 256 x 77", "texts/s")):
-            folder = os.path.join(d, "tiny" if task == "train" else "b32")
-            repeats = {"train": 10, "image": 5, "text": 3}[task] // (2 if args.quick else 1) or 1
-            res = {}
-            for fw in ("miniclip", "torch"):
-                res[fw] = run_one(fw, task, folder, repeats)
-            if task == "train":
-                malloc_defaults = run_one("miniclip", task, folder, repeats, MINICLIP_MALLOC_DEFAULTS="1")
-            if task == "train":
-                res_train = res
-            n = {"train": 1, "image": 16, "text": 256}[task]
-            fmt = (lambda r: f"{r['seconds']:.3f} s") if task == "train" else (lambda r: f"{n / r['seconds']:.1f} {unit}")
-            gf = lambda r: f"{r['gflop'] / r['seconds']:.0f} ({r['gflop'] / r['seconds'] / peak:.0%})"
-            rows.append((label, fmt(res["miniclip"]), fmt(res["torch"]),
-                         res["miniclip"]["seconds"] / res["torch"]["seconds"],
-                         f"{res['miniclip']['peak_mib']:.0f} / {res['torch']['peak_mib']:.0f}",
-                         f"{gf(res['miniclip'])} / {gf(res['torch'])}"))
-    t_tuned, t_default = res_train["miniclip"]["seconds"], malloc_defaults["seconds"]
-    rows.append(("Train step, tiny, with glibc's default malloc (MINICLIP_MALLOC_DEFAULTS=1)",
-                 f"{t_default:.3f} s", "", t_default / res_train["torch"]["seconds"],
+        repeats = 10 // (2 if args.quick else 1)
+        for i, (name, spec) in enumerate(TRAIN_SPECS.items()):
+            folder = os.path.join(d, f"train{i}")
+            make_folder(spec, folder)
+            res = {fw: run_one(fw, "train", spec, folder, repeats) for fw in ("miniclip", "torch")}
+            rows.append(row(f"Train step, batch 128 (forward, backward, AdamW), {name}", res, step))
+            if i == 0:
+                tiny_res = res
+                malloc_defaults = run_one("miniclip", "train", spec, folder, repeats, MINICLIP_MALLOC_DEFAULTS="1")
+        make_folder(B32, os.path.join(d, "b32"))
+        for task, label, unit, n in (("image", "ViT-B/32 image encoding, batch 16 at 224", "img/s", 16),
+                                     ("text", "ViT-B/32 text encoding, batch 256 x 77", "texts/s", 256)):
+            repeats = {"image": 5, "text": 3}[task] // (2 if args.quick else 1) or 1
+            res = {fw: run_one(fw, task, B32, os.path.join(d, "b32"), repeats) for fw in ("miniclip", "torch")}
+            rows.append(row(label, res, lambda r: f"{n / r['seconds']:.1f} {unit}"))
+    t_tuned, t_default = tiny_res["miniclip"]["seconds"], malloc_defaults["seconds"]
+    rows.append(("Train step, tiny preset, with glibc's default malloc (MINICLIP_MALLOC_DEFAULTS=1)",
+                 step(malloc_defaults), "", t_default / tiny_res["torch"]["seconds"],
                  f"{malloc_defaults['peak_mib']:.0f} / -", f"keeping freed memory saves {1 - t_tuned / t_default:.0%}"))
     rows += [(*r, "", "") for r in tokenizer_rows(args.quick)]
 

@@ -340,6 +340,17 @@ def figures(results, claim_list, folder):
     return written
 
 
+def markdown(claim_list):
+    """The claims as a Markdown table: each side's mean over seeds with its range, and the verdict."""
+    def side(values):
+        return f"{np.mean(values):.3f}" + (f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else "")
+    lines = ["| claim | a | b | a - b | spread | verdict | note |", "|---|---|---|---|---|---|---|"]
+    for c in claim_list:
+        lines.append(f"| {c['claim']}: {c['a']} (a) against {c['b']} (b) | {side(c['a per seed'])} | "
+                     f"{side(c['b per seed'])} | {c['a - b']:+.3f} | {c['spread']:.3f} | {c['verdict']} | {c['note']} |")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -352,7 +363,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="1 seed and shorter runs (about 15 minutes)")
     p.add_argument("--out", default=HERE, help="folder for results.json and the figures (default: experiments/)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one process each (default 2)")
+    p.add_argument("--table", action="store_true", help="print the table of claims of --out's results.json, and exit")
     args = p.parse_args(argv)
+    if args.table:
+        with open(os.path.join(args.out, "results.json")) as f:
+            print(markdown(json.load(f)["claims"]))
+        return
     scale = QUICK if args.quick else FULL
     os.makedirs(args.out, exist_ok=True)
     jobs = [(name, settings, seed, scale) for seed in scale.seeds for name, settings in arms()]
@@ -369,8 +385,7 @@ def main(argv=None):
     claim_list = claims(results)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"scale": dataclasses.asdict(scale), "claims": claim_list, "runs": results}, f, indent=1)
-    for c in claim_list:
-        print(f"{c['verdict']:>22} | {c['claim']}: {c['a']} - {c['b']} = {c['a - b']:+.3f} (spread {c['spread']:.3f})")
+    print(markdown(claim_list))
     for path in figures(results, claim_list, args.out):
         print("wrote", path)
     print(f"done in {time.time() - t0:.0f}s")

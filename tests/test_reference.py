@@ -162,3 +162,22 @@ def test_safetensors_reader_matches_the_safetensors_package(tmp_path):
     safetensors_torch = reference("safetensors.torch")
     safetensors_torch.save_file({"w": bf}, str(tmp_path / "bf16.safetensors"))
     assert np.array_equal(mc.read_safetensors(tmp_path / "bf16.safetensors")["w"], bf.float().numpy())
+
+
+def test_adamw_matches_torch_over_several_steps():
+    """Our AdamW at its defaults (the paper's betas 0.9 and 0.98, eps 1e-6, decay 0.2 on matrices only)
+    against torch.optim.AdamW set the same way, over 5 steps of random gradients, float64."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    ref = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
+    ours = mc.AdamW(params)
+    theirs = torch.optim.AdamW([{"params": [ref["w"]], "weight_decay": 0.2}, {"params": [ref["b"]], "weight_decay": 0.0}],
+                               lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    for step in range(5):
+        grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+        ours.step(params, grads, lr=1e-2)
+        for k, t in ref.items():
+            t.grad = torch.tensor(grads[k])
+        theirs.step()
+    for k in params:
+        assert np.abs(params[k] - ref[k].detach().numpy()).max() < 1e-14, k

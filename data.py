@@ -117,15 +117,16 @@ class Pairs:
 
     def fingerprint(self):
         """A hash of every caption and locator: a resumed run checks it still reads the same data."""
-        h = hashlib.sha256()
+        h = hashlib.blake2b(digest_size=8)
         for values in (self.captions, self.locators):
             if isinstance(values, Strings):
-                h.update(values.text.encode() + values.starts.tobytes() + values.ends.tobytes())
+                for part in (values.text.encode(), values.starts, values.ends):
+                    h.update(part)
             else:
                 h.update("\0".join(map(str, values)).encode() + b"\0")
         if self.images is not None:
-            h.update(self.images.tobytes())
-        return h.hexdigest()[:16]
+            h.update(self.images)
+        return h.hexdigest()
 
 
 def load_size(image_size):
@@ -442,19 +443,20 @@ def csv_columns(f, separator, width):
     first text that is not, the csv module reads the rest. A short row gets empty fields, as
     csv.DictReader reads it.
     """
-    while lines := f.readlines(CSV_BYTES):
-        text = "".join(lines).replace("\r\n", "\n")
+    while chunk := f.read(CSV_BYTES) + f.readline():    # whole lines
+        text = chunk.replace("\r\n", "\n")
         text += "" if text.endswith("\n") else "\n"
+        n = text.count("\n")
         # Each line's end becomes a field of its own, "\0": it lands every width + 1 fields exactly
         # when every line has width fields.
         fields = text.replace("\n", f"{separator}\0{separator}").split(separator)
-        if any(c in text for c in '"\r\0') or len(fields) != len(lines) * (width + 1) + 1 \
-                or fields[width::width + 1].count("\0") != len(lines):
+        if any(c in text for c in '"\r\0') or len(fields) != n * (width + 1) + 1 \
+                or fields[width::width + 1].count("\0") != n:
             break
         yield [fields[i:-1:width + 1] for i in range(width)]
     else:
         return
-    reader = csv.reader(itertools.chain(lines, f), delimiter=separator)
+    reader = csv.reader(itertools.chain(io.StringIO(chunk, newline=""), f), delimiter=separator)
     while rows := list(itertools.islice(reader, max(1, CSV_BYTES // 80))):     # rows of about 80 bytes
         yield [list(c) for c in zip(*(row + [""] * (width - len(row)) for row in rows))][:width]
 

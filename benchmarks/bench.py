@@ -39,8 +39,9 @@ def spec_of(cfg):
 # The tiny train step over head widths and depths: the preset (width 96, 3 heads of 32, 3 image and 2
 # text layers), then one change at a time. Small heads mean many small matrix products in attention.
 tiny = mc.PRESETS["tiny"]
+TINY = spec_of(tiny)
 TRAIN_SPECS = {
-    "tiny preset: 3 heads of 32, 3 + 2 layers": spec_of(tiny),
+    "tiny preset: 3 heads of 32, 3 + 2 layers": TINY,
     "heads of 16 (6 heads)": spec_of(dataclasses.replace(tiny, vision_heads=6, text_heads=6)),
     "heads of 24 (4 heads)": spec_of(dataclasses.replace(tiny, vision_heads=4, text_heads=4)),
     "heads of 48 (2 heads)": spec_of(dataclasses.replace(tiny, vision_heads=2, text_heads=2)),

@@ -44,6 +44,7 @@ def shard(x, rank, k):
 def miniclip_step(folder, case, repeats):
     import miniclip as mc
     import train
+    train.keep_freed_memory()                           # as train.py's main() does
     group = train.mpi_group()
     rank, k = (group.rank, group.size) if group else (0, 1)
     spec, n, text_len = CASES[case]

@@ -240,6 +240,11 @@ def claims(results):
                     "b per seed": [round(float(x), 4) for x in probe_drop],
                     "a - b": round(float(np.mean(zs_drop - probe_drop)), 4), "spread": round(spread, 4),
                     "verdict": word, "note": "a smaller drop is better: compared as negated drops"})
+    flops = {r["arm"]: r["flops"] for r in results}
+    if "width 48" in flops and "width 192" in flops:
+        claim("more compute, lower error", "zero-shot error falls smoothly (a power law) with training compute over "
+              "model sizes (Figure 9)", "width 192", "zero-shot", "width 48", "zero-shot",
+              note=f"training compute {flops['width 192'] / flops['width 48']:.1f}x; error against compute in compute.png")
     # Limitations: how far above chance each test is, as a share of the way from chance to perfect, so
     # that a 48-way and a 2-way test compare.
     lift = lambda metric, chance: (values(results, "base", metric) - chance) / (1 - chance)
@@ -363,11 +368,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="1 seed and shorter runs (about 15 minutes)")
     p.add_argument("--out", default=HERE, help="folder for results.json and the figures (default: experiments/)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one process each (default 2)")
-    p.add_argument("--table", action="store_true", help="print the table of claims of --out's results.json, and exit")
+    p.add_argument("--from-results", action="store_true",
+                   help="train nothing: recompute the claims, the table and the figures from the runs in --out's results.json")
     args = p.parse_args(argv)
-    if args.table:
+    if args.from_results:
         with open(os.path.join(args.out, "results.json")) as f:
-            print(markdown(json.load(f)["claims"]))
+            saved = json.load(f)
+        report(saved["runs"], Scale(**{**saved["scale"], "seeds": tuple(saved["scale"]["seeds"])}), args.out, time.time())
         return
     scale = QUICK if args.quick else FULL
     os.makedirs(args.out, exist_ok=True)
@@ -381,12 +388,17 @@ def main(argv=None):
             results.append(r)
             print(f"[{len(results)}/{len(jobs)} after {time.time() - t0:.0f}s] {r['arm']}, seed {r['seed']}: "
                   f"zero-shot {r['final']['zero-shot']:.3f} ({r['seconds']:.0f}s)", flush=True)
+    report(results, scale, args.out, t0)
+
+
+def report(results, scale, folder, t0):
+    """results.json (the scale, the claims and every run), the table of claims, and the figures."""
     results.sort(key=lambda r: (r["arm"], r["seed"]))
     claim_list = claims(results)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump({"scale": dataclasses.asdict(scale), "claims": claim_list, "runs": results}, f, indent=1)
     print(markdown(claim_list))
-    for path in figures(results, claim_list, args.out):
+    for path in figures(results, claim_list, folder):
         print("wrote", path)
     print(f"done in {time.time() - t0:.0f}s")
 

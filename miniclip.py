@@ -439,7 +439,7 @@ def embed_image_forward(patches, conv_w, cls, pos):
     """
     N, L, _ = patches.shape
     D = conv_w.shape[0]
-    x = patches @ conv_w.reshape(D, -1).T                               # (N, G*G, D)
+    x = (patches.reshape(N * L, -1) @ conv_w.reshape(D, -1).T).reshape(N, L, D)    # (N, G*G, D), one matrix product
     out = xp.empty((N, 1 + L, D), dtype=x.dtype)
     out[:, 0] = cls
     out[:, 1:] = x

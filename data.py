@@ -5,8 +5,8 @@ A data set here is an index (Pairs): for each image-caption pair, its caption an
 where its image is: a file path, a byte range inside a tar file, or a row of an array in memory. The
 index costs about 100 bytes a pair (its text kept as Strings); the images themselves are not kept.
 Training asks for a batch by its pair numbers and crop offsets, and background worker processes
-(Loader) open, decode, resize and crop those images a few batches ahead of the step that needs them. So memory does not grow with
-the number of pairs, and the CPU decodes while the model computes.
+(Loader) open, decode, resize and crop those images a few batches ahead of the step that needs them.
+So memory does not grow with the number of pairs, and the CPU decodes while the model computes.
 
 Three kinds of data, one interface:
     shapes_world()   the generated shapes of train.py --tiny, drawn once into memory (93 MB for --tiny)
@@ -265,10 +265,12 @@ def shapes_world(n_train, n_eval, seed, image_size):
     side = load_size(image_size)
     t0 = time.time()
     images, captions, attrs = make_shapes(n_train, train_pairs, seed, side)
-    train_set = Pairs(Strings.of(captions), np.arange(n_train), object_column(attrs), images=images, source="generated shapes")
+    train_set = Pairs(Strings.of(captions), np.arange(n_train), object_column(attrs), images=images,
+                      source="generated shapes")
     images, captions, attrs = make_shapes(n_eval, held, seed + 1, side)
-    val = Pairs(Strings.of(captions), np.arange(n_eval), object_column(attrs), np.array([LABELS.index(f"{a[0]} {a[1]}") for a in attrs]),
-                images=images, source="generated shapes")
+    labels = np.array([LABELS.index(f"{a[0]} {a[1]}") for a in attrs])
+    val = Pairs(Strings.of(captions), np.arange(n_eval), object_column(attrs), labels, images=images,
+                source="generated shapes")
     print(f"data: {n_train} generated training images of {len(train_pairs)} color-shape pairs, "
           f"{n_eval} of the {len(held)} held-out pairs ({', '.join(' '.join(p) for p in held)}); "
           f"{time.time() - t0:.1f}s")
@@ -284,7 +286,6 @@ def shapes_world(n_train, n_eval, seed, image_size):
 
 NUMBERS = ("one", "two", "three")
 STYLES = ("solid", "outline")
-SCENE_KINDS = ("count", "pair")        # n copies of one object, or two different objects
 
 
 def plural(kind):
@@ -303,7 +304,7 @@ def draw_scene(rng, objects, side, style="solid"):
     t = np.linspace(0, 1, side, dtype=np.float32)[:, None, None]
     image = rng.integers(0, 70, 3) * (1 - t) + rng.integers(0, 70, 3) * t + rng.normal(0, 4, (side, side, 3))
     for i, (color, kind) in enumerate(objects):
-        r = min(slot, big - 2 * margin) * rng.uniform(0.32, 0.42)
+        r = slot * rng.uniform(0.32, 0.42)
         cx = margin + slot * (i + 0.5) + rng.uniform(-0.08, 0.08) * slot
         cy = big / 2 + rng.uniform(-1, 1) * (big / 2 - margin - r)
         mask = Image.new("L", (big, big), 0)
@@ -354,7 +355,8 @@ def scenes_world(n_train, seed, image_size):
         images[i] = draw_scene(rng, objects, side)
         captions.append(scene_caption(rng, objects))
         keys.append(tuple(objects))
-    return Pairs(Strings.of(captions), np.arange(n_train), object_column(keys), images=images, source="generated scenes"), held
+    return Pairs(Strings.of(captions), np.arange(n_train), object_column(keys), images=images,
+                 source="generated scenes"), held
 
 
 def scene_tests(n, seed, image_size, style, pairs, tasks=("color_shape", "count", "binding", "relation")):
@@ -467,7 +469,7 @@ def read_csv(path, img_key, caption_key, separator, skip_bad):
     or an image path that is not a file is bad: the run stops with a list of the first ones, or skips
     and counts them with skip_bad. A byte-order mark, as spreadsheet programs write, is allowed.
     Each chunk of rows is handled a column at a time, in loops that run in C, so 200,000 rows index in
-    a fifth of a second; what is kept is two Strings.
+    about a quarter of a second here; what is kept is two Strings.
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such CSV file")
@@ -483,9 +485,10 @@ def read_csv(path, img_key, caption_key, separator, skip_bad):
                 if key not in fields:
                     raise DataError(f"{path}: no column {key!r}; the columns are {fields} "
                                     f"(set --csv-img-key, --csv-caption-key, --csv-separator)")
+            i_img, i_cap = fields.index(img_key), fields.index(caption_key)
             line = 2                                    # of the chunk's first row; the header is line 1
             for columns in csv_columns(f, separator, len(fields)):
-                names, caps = columns[fields.index(img_key)], list(map(str.strip, columns[fields.index(caption_key)]))
+                names, caps = columns[i_img], list(map(str.strip, columns[i_cap]))
                 images = [p if p.startswith(os.sep) else prefix + p for p in names]
                 empty, absent = [i for i, c in enumerate(caps) if not c], files.missing(images)
                 if empty or absent:

@@ -214,18 +214,18 @@ def gelu_forward(x):
     GELU as PyTorch computes it by default (nn.GELU, approximate="none"; LAION's OpenCLIP models):
     out = x Phi(x), with Phi the standard normal CDF, Phi(x) = (1 + erf(x / sqrt 2)) / 2. Any shape.
     """
-    phi = erf(x * (1.0 / math.sqrt(2.0)))
-    phi += 1.0
-    phi *= 0.5
-    return x * phi, (x, phi)
+    cdf = erf(x * (1.0 / math.sqrt(2.0)))
+    cdf += 1.0
+    cdf *= 0.5
+    return x * cdf, (x, cdf)
 
 
 def gelu_backward(dout, cache):
     """d/dx [x Phi(x)] = Phi(x) + x phi(x), with phi(x) = exp(-x^2 / 2) / sqrt(2 pi) the normal density."""
-    x, phi = cache
+    x, cdf = cache
     d = xp.exp(x * x * -0.5)
     d *= x * (1.0 / math.sqrt(2.0 * math.pi))
-    d += phi
+    d += cdf
     d *= dout
     return d
 
@@ -439,7 +439,7 @@ def embed_image_forward(patches, conv_w, cls, pos):
     """
     N, L, _ = patches.shape
     D = conv_w.shape[0]
-    x = (patches.reshape(N * L, -1) @ conv_w.reshape(D, -1).T).reshape(N, L, D)    # (N, G*G, D), one matrix product
+    x = linear_forward(patches, conv_w.reshape(D, -1))[0]              # (N, G*G, D)
     out = xp.empty((N, 1 + L, D), dtype=x.dtype)
     out[:, 0] = cls
     out[:, 1:] = x
@@ -902,7 +902,8 @@ def bow_loss_and_grads(params, cfg, pixels, ids, checkpoint=False):
                                         bag_of_words(ids, cfg.vocab_size).astype(feat.dtype))
     dfeat, dw, db = bow_loss_backward(loss_cache)
     grads = {k: xp.zeros_like(v) for k, v in params.items()}
-    grads.update(encode_image_backward(dfeat, cache, params), **{"bow.weight": dw, "bow.bias": db})
+    grads.update(encode_image_backward(dfeat, cache, params))
+    grads["bow.weight"], grads["bow.bias"] = dw, db
     return loss, grads
 
 

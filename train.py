@@ -48,10 +48,9 @@ def keep_freed_memory():
     A speed setting for glibc's malloc, which main() applies to the training process (importing this
     file does not). Every NumPy temporary is a fresh buffer, and glibc serves blocks over 128 KiB with
     mmap and hands them back to the OS on free, so the next temporary page-faults on each of its 4 KiB
-    pages. Raising the mmap and trim thresholds
-    keeps freed memory in the process for reuse. benchmarks/bench.py measures what it saves on a tiny
-    train step, and the peak memory, against glibc's defaults (MINICLIP_MALLOC_DEFAULTS=1 skips this).
-    A no-op where libc is not glibc.
+    pages. Raising the mmap and trim thresholds keeps freed memory in the process for reuse.
+    benchmarks/bench.py measures what it saves on a tiny train step, and the peak memory, against
+    glibc's defaults (MINICLIP_MALLOC_DEFAULTS=1 skips this). A no-op where libc is not glibc.
     """
     import ctypes
     import ctypes.util
@@ -162,7 +161,8 @@ def evaluate(params, cfg, tok, val, labels, templates, loader):
     i2t, t2i = recall_at(img, txt, keys, keys), recall_at(txt, img, keys, keys)
     out = {"i2t_r1": i2t[1], "i2t_r5": i2t[5], "t2i_r1": t2i[1], "t2i_r5": t2i[5]}
     if val.labels is not None:
-        classes = mc.to_numpy(mc.class_embeddings(params, cfg, prompt_ids(tok, cfg, labels, templates), len(templates)))
+        prompts = prompt_ids(tok, cfg, labels, templates)
+        classes = mc.to_numpy(mc.class_embeddings(params, cfg, prompts, len(templates)))
         predicted = np.concatenate([(img[i:i + RECALL_BLOCK] @ classes.T).argmax(axis=1)
                                     for i in range(0, len(img), RECALL_BLOCK)])
         out["zeroshot_top1"] = float((predicted == val.labels).mean())

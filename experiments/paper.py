@@ -160,9 +160,9 @@ def run(name, settings, seed, scale, evaluations=4):
     params = mc.to_device(mc.init_params(cfg, seed=seed))
     opt = train.optimizer(params, tc)
     slack, t0, curve = data.load_size(IMAGE) - IMAGE, time.time(), []
-    for step in range(steps):
-        idx, offsets = data.batch_plan(step, len(pairs), B, seed, slack, tc.random_crop)
-        crops = np.stack([pairs.images[i, y:y + IMAGE, x:x + IMAGE] for i, (y, x) in zip(idx, offsets)])
+    plan = (data.batch_plan(s, len(pairs), B, seed, slack, tc.random_crop) for s in range(steps))
+    loader = data.Loader(IMAGE, workers=0)              # the scenes are in memory: crops are cut directly
+    for step, (crops, idx) in enumerate(loader.batches(pairs, plan)):
         pixels, ids = train.batch_inputs(crops, [pairs.captions[i] for i in idx], tok, cfg)
         loss, grads = mc.loss_and_grads(params, cfg, pixels, ids)
         opt.step(params, grads, train.lr_at(step, tc))

@@ -824,6 +824,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def abort(group):
+    """
+    End every process of the run. The launcher forwards each process's output on its own time, and
+    Abort ends the forwarding too, so the error just printed is flushed and given a moment to arrive.
+    """
+    sys.stderr.flush()
+    time.sleep(0.5)
+    group.comm.Abort(1)
+
+
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)         # a log piped to a file arrives line by line
     args = parse_args(argv)
@@ -841,7 +851,7 @@ def main(argv=None):
     except (UserError, ValueError, OSError) as e:      # OSError: a checkpoint or log that cannot be written
         print(f"error: {e}" if group is None else f"error on process {group.rank}: {e}", file=sys.stderr)
         if group:
-            group.comm.Abort(1)                         # the others may be waiting for this one: end them all
+            abort(group)                                # the others may be waiting for this one: end them all
         return 1
     except KeyboardInterrupt:
         print("interrupted twice: stopped without saving; the last checkpoint is as it was", file=sys.stderr)
@@ -849,7 +859,7 @@ def main(argv=None):
     except Exception:
         if group:                                       # a bug, perhaps on this process only
             traceback.print_exc()
-            group.comm.Abort(1)
+            abort(group)
         raise
 
 

@@ -71,6 +71,45 @@ def to_numpy(tree):
 
 
 # -----------------------------------------------------------------------------
+# Every core for the work BLAS does not do. BLAS runs matrix products on all cores, but NumPy runs
+# each elementwise operation on one, and attention's N*H small per-head products one after another.
+# That work is row by row, the same for every sample: by_rows(fn, x) cuts x's first axis into one
+# slice per core and runs fn(rows) on all slices at once, each on a thread of its own. NumPy lets go
+# of Python's lock inside its loops, so the slices really run side by side. fn writes its rows of
+# outputs allocated beforehand, which get the same numbers, bit for bit, as one call on every row.
+# PyTorch does the same inside each of its operations.
+
+MIN_SPLIT = 1 << 15             # elements; below this, handing work to a thread costs more than it saves
+row_pool = None                 # a ThreadPoolExecutor, made on first use
+
+
+def cpu_threads():
+    """As many threads as BLAS runs: OMP_NUM_THREADS or OPENBLAS_NUM_THREADS if set (train.py sets one
+    under MPI, each process's share of the cores), else every core this process may use."""
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
+            return int(os.environ[name])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def by_rows(fn, x):
+    """Call fn(rows) for slices `rows` of x's first axis that together cover it, all at once."""
+    global row_pool
+    n = min(cpu_threads(), len(x)) if xp is numpy and x.size >= MIN_SPLIT else 1   # CuPy: one call
+    if n <= 1:
+        fn(slice(None))
+        return
+    if row_pool is None or row_pool._max_workers < n - 1:
+        from concurrent.futures import ThreadPoolExecutor
+        row_pool = ThreadPoolExecutor(n - 1, thread_name_prefix="miniclip-rows")
+    cuts = [len(x) * i // n for i in range(n + 1)]
+    others = [row_pool.submit(fn, slice(a, b)) for a, b in zip(cuts[1:-1], cuts[2:])]
+    fn(slice(0, cuts[1]))                               # this thread takes the first slice
+    for f in others:
+        f.result()                                      # waits, and raises what fn raised
+
+
+# -----------------------------------------------------------------------------
 # Layers
 
 
@@ -105,12 +144,18 @@ def layernorm_forward(x, g, b, eps=1e-5):
         xhat = (x - mean) / sqrt(var + eps),   out = g * xhat + b
     x: (..., D)   g, b: (D,)   ->   out: (..., D)
     """
-    mean = x.mean(axis=-1, keepdims=True)               # (..., 1)
-    xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)        # (..., 1), the biased variance, as PyTorch
-    rstd = 1.0 / xp.sqrt(var + eps)                     # (..., 1)
-    xhat = xc * rstd
-    return xhat * g + b, (xhat, rstd, g)
+    out, xhat = xp.empty_like(x), xp.empty_like(x)
+    rstd = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)                  # (..., 1)
+
+    def rows(r):
+        xc = x[r] - x[r].mean(axis=-1, keepdims=True)
+        var = (xc * xc).mean(axis=-1, keepdims=True)                    # the biased variance, as PyTorch
+        rstd[r] = 1.0 / xp.sqrt(var + eps)
+        xp.multiply(xc, rstd[r], out=xhat[r])
+        xp.multiply(xhat[r], g, out=out[r])
+        out[r] += b
+    by_rows(rows, x)
+    return out, (xhat, rstd, g)
 
 
 def layernorm_backward(dout, cache):
@@ -123,38 +168,54 @@ def layernorm_backward(dout, cache):
     """
     xhat, rstd, g = cache
     D = xhat.shape[-1]
-    dg = (dout * xhat).reshape(-1, D).sum(axis=0)
-    db = dout.reshape(-1, D).sum(axis=0)
-    dxhat = dout * g
-    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    dx, dout_xhat = xp.empty_like(dout), xp.empty_like(dout)
+
+    def rows(r):
+        xp.multiply(dout[r], xhat[r], out=dout_xhat[r])
+        dxhat = dout[r] * g
+        dx[r] = rstd[r] * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                           - xhat[r] * (dxhat * xhat[r]).mean(axis=-1, keepdims=True))
+    by_rows(rows, dout)
+    dg = dout_xhat.reshape(-1, D).sum(axis=0)           # the sums over rows run once, on all rows,
+    db = dout.reshape(-1, D).sum(axis=0)                # so they add in the same order as ever
     return dx, dg, db
 
 
 def quickgelu_forward(x):
     """
     CLIP's activation, a cheap GELU: out = x * s with s = sigmoid(1.702 x) = 1 / (1 + exp(-1.702 x)).
-    Any shape. s is one new buffer, made by exp and then updated in place (+1, reciprocal), and out
-    a second: this layer sees the widest activations of the model (N, T, 4D), and a tanh form or a
-    fresh temporary per operation cost about three times as long. For x < -52, exp overflows to inf
-    and s = 1/inf = 0, the right limit.
+    Any shape. s is built in place in one buffer (exp, +1, reciprocal) and out in a second: this layer
+    sees the widest activations of the model, (N, T, 4D), and a tanh form or a fresh temporary per
+    operation cost about three times as long. For x < -52, exp overflows to inf and s = 1/inf = 0,
+    the right limit.
     """
-    with numpy.errstate(over="ignore"):
-        s = xp.exp(x * -1.702)
-    s += 1.0
-    xp.reciprocal(s, out=s)
-    return x * s, (x, s)
+    s, out = xp.empty_like(x), xp.empty_like(x)
+
+    def rows(r):
+        xp.multiply(x[r], -1.702, out=s[r])
+        with numpy.errstate(over="ignore"):
+            xp.exp(s[r], out=s[r])
+        s[r] += 1.0
+        xp.reciprocal(s[r], out=s[r])
+        xp.multiply(x[r], s[r], out=out[r])
+    by_rows(rows, x)
+    return out, (x, s)
 
 
 def quickgelu_backward(dout, cache):
     """d/dx [x s(1.702x)] = s + 1.702 x s (1 - s), built in place in one buffer."""
     x, s = cache
-    d = 1.0 - s
-    d *= s
-    d *= x
-    d *= 1.702
-    d += s
-    d *= dout
+    d = xp.empty_like(s)
+
+    def rows(r):
+        dr, sr = d[r], s[r]                             # views: writing into dr writes d
+        xp.subtract(1.0, sr, out=dr)
+        dr *= sr
+        dr *= x[r]
+        dr *= 1.702
+        dr += sr
+        dr *= dout[r]
+    by_rows(rows, s)
     return d
 
 
@@ -268,13 +329,19 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, causal):
     qkv = qkv.reshape(N, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)           # (3, N, H, T, Dh)
     qs = qkv[0] * (1.0 / math.sqrt(Dh))                                 # (N, H, T, Dh): q / sqrt(Dh)
     k, v = qkv[1], qkv[2]                                               # (N, H, T, Dh)
-    scores = qs @ k.transpose(0, 1, 3, 2)                               # (N, H, T, T)
-    if causal:
-        scores += causal_mask(T, scores.dtype)
-    att, att_cache = softmax_forward(scores)                            # (N, H, T, T)
-    y = (att @ v).transpose(0, 2, 1, 3).reshape(N, T, D)                # (N, T, D), heads side by side
-    out, out_cache = linear_forward(y, w_out, b_out)                    # (N, T, D)
-    return out, (in_cache, qs, k, v, att_cache, out_cache, H)
+    mask = causal_mask(T, x.dtype) if causal else None
+    att = xp.empty((N, H, T, T), dtype=x.dtype)
+    y = xp.empty((N, T, H, Dh), dtype=x.dtype)                          # heads side by side
+
+    def rows(r):                                        # N*H small products: by rows, on every core
+        scores = qs[r] @ k[r].transpose(0, 1, 3, 2)                     # (n, H, T, T)
+        if causal:
+            scores += mask
+        att[r] = softmax_forward(scores)[0]
+        xp.matmul(att[r], v[r], out=y[r].transpose(0, 2, 1, 3))         # A v, (n, H, T, Dh)
+    by_rows(rows, x)
+    out, out_cache = linear_forward(y.reshape(N, T, D), w_out, b_out)   # (N, T, D)
+    return out, (in_cache, qs, k, v, att, out_cache, H)
 
 
 def causal_mask(T, dtype):
@@ -294,19 +361,23 @@ def attention_backward(dout, cache):
     N, _, T, Dh = qs.shape
     # out = y w_out^T + b_out
     dy, dw_out, db_out = linear_backward(dout, out_cache)               # (N, T, D)
-    # y = concat_heads(A v)
     dy = dy.reshape(N, T, H, Dh).transpose(0, 2, 1, 3)                  # (N, H, T, Dh)
-    dv = att.transpose(0, 1, 3, 2) @ dy                                 # (N, H, T, Dh)
-    dA = dy @ v.transpose(0, 1, 3, 2)                                   # (N, H, T, T)
-    # A = softmax(s)
-    ds = softmax_backward(dA, att)                                      # (N, H, T, T)
-    # s = qs k^T
-    dqs = ds @ k                                                        # (N, H, T, Dh)
-    dk = ds.transpose(0, 1, 3, 2) @ qs                                  # (N, H, T, Dh)
-    # qs = q / sqrt(Dh)
-    dq = dqs * (1.0 / math.sqrt(Dh))
+    dqkv = xp.empty((N, T, 3, H, Dh), dtype=dy.dtype)                   # x w_in^T + b_in's gradient
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                          # (N, H, T, Dh) views of dqkv
+
+    def rows(r):                                        # as in the forward: by rows, on every core
+        # y = A v
+        xp.matmul(att[r].transpose(0, 1, 3, 2), dy[r], out=dv[r])
+        dA = dy[r] @ v[r].transpose(0, 1, 3, 2)                         # (n, H, T, T)
+        # A = softmax(s)
+        ds = softmax_backward(dA, att[r])
+        # s = qs k^T
+        xp.matmul(ds, k[r], out=dq[r])                                  # dqs
+        xp.matmul(ds.transpose(0, 1, 3, 2), qs[r], out=dk[r])
+        # qs = q / sqrt(Dh)
+        dq[r] *= 1.0 / math.sqrt(Dh)
+    by_rows(rows, dy)
     # q, k, v = split(x w_in^T + b_in)
-    dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4)              # (N, T, 3, H, Dh)
     dx, dw_in, db_in = linear_backward(dqkv.reshape(N, T, 3 * H * Dh), in_cache)
     return dx, dw_in, db_in, dw_out, db_out
 

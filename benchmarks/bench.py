@@ -174,8 +174,13 @@ def rss_mib():
 
 
 def run_one(framework, task, spec, folder, repeats, **env):
+    """One measurement in a fresh process. env: variables to set there, None to unset one."""
+    env = {**os.environ, **env}
+    if framework == "miniclip":                         # as train.py sets it before NumPy loads
+        env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    env = {k: v for k, v in env.items() if v is not None}
     out = subprocess.run([sys.executable, __file__, "--one", framework, task, json.dumps(spec), folder, str(repeats)],
-                         capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout
+                         capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

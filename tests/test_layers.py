@@ -137,6 +137,46 @@ def test_block(act):
     check(fwd, bwd, inputs, list(range(13)))
 
 
+@pytest.mark.parametrize("n, threads", [(1, 2), (2, 2), (5, 2), (5, 3), (7, 4), (3, 8)])
+def test_by_rows_covers_every_row_once(monkeypatch, n, threads):
+    monkeypatch.setattr(mc, "MIN_SPLIT", 0)
+    monkeypatch.setattr(mc, "cpu_threads", lambda: threads)
+    slices = []
+    mc.by_rows(slices.append, np.zeros((n, 3)))
+    rows = [i for r in slices for i in range(n)[r]]
+    assert sorted(rows) == list(range(n)) and len(slices) == min(n, threads)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_rows_split_across_threads_give_the_same_numbers(monkeypatch, threads):
+    """
+    by_rows splits only arrays of MIN_SPLIT elements or more, larger than the checks above use. Here
+    it splits every array, and a block (LayerNorm, attention, QuickGELU), forward and backward, must
+    give the same bits as in one piece.
+    """
+    N, T, D, H = 5, 4, 12, 3
+    shapes = mc.block_shapes(D)
+    p = {k: randn(*shapes[k], seed=i).astype(np.float32) * 0.5 for i, k in enumerate(mc.BLOCK_KEYS)}
+    x, dout = randn(N, T, D).astype(np.float32), randn(N, T, D, seed=2).astype(np.float32)
+
+    def run():
+        arrays = []
+        for causal in (False, True):
+            out, cache = mc.block_forward(x, p, H, causal, 1e-5)
+            dx, g = mc.block_backward(dout, cache)
+            arrays += [out, dx, *g.values()]
+        return arrays
+    whole = run()
+    calls = []
+    by_rows = mc.by_rows
+    monkeypatch.setattr(mc, "by_rows", lambda fn, a: (calls.append(len(a)), by_rows(fn, a)))
+    monkeypatch.setattr(mc, "MIN_SPLIT", 0)
+    monkeypatch.setattr(mc, "cpu_threads", lambda: threads)
+    split = run()
+    assert len(calls) == 2 * 8          # each block: 2 LayerNorms, attention and QuickGELU, forward and back
+    assert all(np.array_equal(a, b) for a, b in zip(whole, split))
+
+
 def test_patchify_is_conv1():
     """patchify @ W^T equals a direct stride-P convolution written as loops."""
     N, S, P, D = 2, 12, 4, 5

@@ -2,18 +2,21 @@
 miniclip against PyTorch (transformers' CLIPModel) on the same machine, weights and inputs, in one run.
 
     python benchmarks/bench.py            the whole table, a few minutes on 2 cores
-    python benchmarks/bench.py --quick    fewer repeats
+    python benchmarks/bench.py --quick    two rounds, fewer repeats
 
 Both sides load one save_pretrained folder of random weights and use the same number of threads.
 Each measurement runs in a fresh subprocess, so its peak memory is its own: after loading the weights
 the process notes its resident memory, resets its peak (Linux's /proc/self/clear_refs), runs, and
-reports the peak (VmHWM) above that baseline: activations, gradients and optimizer state. Times are
-medians over the repeats after one warm-up. GFLOP/s counts the matrix products only (2 flops per
-multiply-add, 3x the forward's for a train step) and is shown as a share of measured sgemm peak.
+reports the peak (VmHWM) above that baseline: activations, gradients and optimizer state. A time is
+the median of the repeats after one warm-up. The train steps take turns over three rounds (each side,
+and each of miniclip's speed tricks undone, once a round), and a ratio is the median of the rounds'
+ratios: this machine's speed drifts by 10-30% between runs. GFLOP/s counts the matrix products only
+(2 flops per multiply-add, 3x the forward's for a train step), as a share of measured sgemm peak.
 """
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -125,6 +128,8 @@ def measure(framework, task, spec, folder, repeats):
     if framework == "miniclip":
         import train
         train.keep_freed_memory()                       # as train.py's main() does
+        if os.environ.get("BENCH_ROWS_WHOLE") == "1":
+            mc.MIN_SPLIT = math.inf                     # by_rows then runs every array in one piece
         params, cfg = mc.load_weights(folder)
         baseline = rss_mib()
         reset_peak()
@@ -256,6 +261,39 @@ def stdlib_text(n_bytes):
     return "".join(parts)[:n_bytes]
 
 
+# The tiny preset's train step again, each time with one of miniclip's speed tricks undone: the
+# variables are set in the measuring process, before NumPy loads.
+TRICKS = {
+    "glibc's default malloc (MINICLIP_MALLOC_DEFAULTS=1)": ("keeping freed memory", {"MINICLIP_MALLOC_DEFAULTS": "1"}),
+    "OpenBLAS's threads left spinning (OPENBLAS_THREAD_TIMEOUT unset)": ("letting BLAS threads sleep",
+                                                                        {"OPENBLAS_THREAD_TIMEOUT": None}),
+    "every array in one piece (no by_rows threads)": ("by_rows", {"BENCH_ROWS_WHOLE": "1"}),
+}
+
+
+def take_turns(runs, rounds):
+    """
+    {name: a function that measures once} -> {name: [each round's result]}. The order flips every
+    round, so a drift in the machine's speed lands on every side alike; ratios are taken per round.
+    """
+    out = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            out[name].append(runs[name]())
+    return out
+
+
+def summary(results):
+    """One side's rounds as one result: the median time, the largest peak memory."""
+    return {"seconds": statistics.median(r["seconds"] for r in results),
+            "peak_mib": max(r["peak_mib"] for r in results), "gflop": results[0]["gflop"]}
+
+
+def per_round(a, b):
+    """The median over rounds of a's time over b's."""
+    return statistics.median(x["seconds"] / y["seconds"] for x, y in zip(a, b))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--quick", action="store_true")
@@ -276,31 +314,36 @@ def main():
     gf = lambda r: f"{r['gflop'] / r['seconds']:.0f} ({r['gflop'] / r['seconds'] / peak:.0%})"
 
     def row(label, res, fmt):
-        return (label, fmt(res["miniclip"]), fmt(res["torch"]), res["miniclip"]["seconds"] / res["torch"]["seconds"],
-                f"{res['miniclip']['peak_mib']:.0f} / {res['torch']['peak_mib']:.0f}",
-                f"{gf(res['miniclip'])} / {gf(res['torch'])}")
+        ours, theirs = summary(res["miniclip"]), summary(res["torch"])
+        return (label, fmt(ours), fmt(theirs), per_round(res["miniclip"], res["torch"]),
+                f"{ours['peak_mib']:.0f} / {theirs['peak_mib']:.0f}", f"{gf(ours)} / {gf(theirs)}")
 
     step = lambda r: f"{r['seconds'] * 1000:.0f} ms"
+    rounds = 2 if args.quick else 3
     with tempfile.TemporaryDirectory() as d:
-        repeats = 10 // (2 if args.quick else 1)
         for i, (name, spec) in enumerate(TRAIN_SPECS.items()):
             folder = os.path.join(d, f"train{i}")
             make_folder(spec, folder)
-            res = {fw: run_one(fw, "train", spec, folder, repeats) for fw in ("miniclip", "torch")}
+            runs = {fw: lambda fw=fw: run_one(fw, "train", spec, folder, 5) for fw in ("miniclip", "torch")}
+            if i == 0:
+                runs.update({trick: lambda env=env: run_one("miniclip", "train", spec, folder, 5, **env)
+                             for trick, (_, env) in TRICKS.items()})
+            res = take_turns(runs, rounds)
             rows.append(row(f"Train step, batch 128 (forward, backward, AdamW), {name}", res, step))
             if i == 0:
-                tiny_res = res
-                malloc_defaults = run_one("miniclip", "train", spec, folder, repeats, MINICLIP_MALLOC_DEFAULTS="1")
+                tricks = res
         make_folder(B32, os.path.join(d, "b32"))
         for task, label, unit, n in (("image", "ViT-B/32 image encoding, batch 16 at 224", "img/s", 16),
                                      ("text", "ViT-B/32 text encoding, batch 256 x 77", "texts/s", 256)):
             repeats = {"image": 5, "text": 3}[task] // (2 if args.quick else 1) or 1
-            res = {fw: run_one(fw, task, B32, os.path.join(d, "b32"), repeats) for fw in ("miniclip", "torch")}
+            res = take_turns({fw: lambda fw=fw: run_one(fw, task, B32, os.path.join(d, "b32"), repeats)
+                              for fw in ("miniclip", "torch")}, 1)
             rows.append(row(label, res, lambda r: f"{n / r['seconds']:.1f} {unit}"))
-    t_tuned, t_default = tiny_res["miniclip"]["seconds"], malloc_defaults["seconds"]
-    rows.append(("Train step, tiny preset, with glibc's default malloc (MINICLIP_MALLOC_DEFAULTS=1)",
-                 step(malloc_defaults), "", t_default / tiny_res["torch"]["seconds"],
-                 f"{malloc_defaults['peak_mib']:.0f} / -", f"keeping freed memory saves {1 - t_tuned / t_default:.0%}"))
+    for trick, (what, _) in TRICKS.items():
+        undone = summary(tricks[trick])
+        rows.append((f"Train step, tiny preset, with {trick}", step(undone), "", per_round(tricks[trick], tricks["torch"]),
+                     f"{undone['peak_mib']:.0f} / -",
+                     f"{what} saves {1 - per_round(tricks['miniclip'], tricks[trick]):.0%}"))
     rows += [(*r, "", "") for r in tokenizer_rows(args.quick)]
 
     print()

@@ -251,7 +251,14 @@ def test_csv_rows_checked_against_folder_listings(tmp_path):
         data.read_csv(str(tmp_path / "p.csv"), "filepath", "title", ",", skip_bad=False)
     pairs = data.read_csv(str(tmp_path / "p.csv"), "filepath", "title", ",", skip_bad=True)
     assert list(pairs.captions) == ["relative", "absolute", "symlink", "dotdot"]
-    assert pairs.locators[0] == os.path.join(str(tmp_path), "img/a.png") and pairs.locators[1] == f"{tmp_path}/img/a.png"
+    assert list(pairs.locators) == [f"{tmp_path}/img/a.png", f"{tmp_path}/img/a.png", f"{tmp_path}/img/link.png",
+                                    f"{tmp_path}/img/sub/../a.png"]
+
+
+@pytest.mark.parametrize("names", [["a.png", "img/b.png"], ["/x/a.png", "/b.png"], ["a.png", "/x/b.png", "c/d.png"], []])
+def test_paths_under_prefixes_the_relative_names_only(names):
+    expected = [n if n.startswith("/") else "/root/" + n for n in names]
+    assert list(data.paths_under("/root/", names)) == expected
 
 
 # The scenes world (experiments/paper.py).

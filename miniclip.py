@@ -21,10 +21,12 @@ take the parameters as a dict and their backwards return a dict of gradients und
 Linear weights are stored as PyTorch stores them, (out_features, in_features), so that OpenAI's
 checkpoints load without a transpose.
 """
+import functools
 import json
 import math
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
@@ -80,7 +82,6 @@ def to_numpy(tree):
 # PyTorch does the same inside each of its operations.
 
 MIN_SPLIT = 1 << 15             # elements; below this, handing work to a thread costs more than it saves
-row_pool = None                 # a ThreadPoolExecutor, made on first use
 
 
 def cpu_threads():
@@ -92,18 +93,20 @@ def cpu_threads():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@functools.cache
+def thread_pool(n):
+    """n threads that by_rows hands slices to, started on first use and kept."""
+    return ThreadPoolExecutor(n, thread_name_prefix="miniclip-rows")
+
+
 def by_rows(fn, x):
     """Call fn(rows) for slices `rows` of x's first axis that together cover it, all at once."""
-    global row_pool
     n = min(cpu_threads(), len(x)) if xp is numpy and x.size >= MIN_SPLIT else 1   # CuPy: one call
     if n <= 1:
         fn(slice(None))
         return
-    if row_pool is None or row_pool._max_workers < n - 1:
-        from concurrent.futures import ThreadPoolExecutor
-        row_pool = ThreadPoolExecutor(n - 1, thread_name_prefix="miniclip-rows")
     cuts = [len(x) * i // n for i in range(n + 1)]
-    others = [row_pool.submit(fn, slice(a, b)) for a, b in zip(cuts[1:-1], cuts[2:])]
+    others = [thread_pool(n - 1).submit(fn, slice(a, b)) for a, b in zip(cuts[1:-1], cuts[2:])]
     fn(slice(0, cuts[1]))                               # this thread takes the first slice
     for f in others:
         f.result()                                      # waits, and raises what fn raised

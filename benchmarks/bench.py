@@ -130,6 +130,8 @@ def measure(framework, task, spec, folder, repeats):
         train.keep_freed_memory()                       # as train.py's main() does
         if os.environ.get("BENCH_ROWS_WHOLE") == "1":
             mc.MIN_SPLIT = math.inf                     # by_rows then runs every array in one piece
+        if os.environ.get("BENCH_LAST_BLOCK_WHOLE") == "1":
+            every_position_through_the_last_block()
         params, cfg = mc.load_weights(folder)
         baseline = rss_mib()
         reset_peak()
@@ -171,6 +173,25 @@ def measure(framework, task, spec, folder, repeats):
     seconds = timed(fn, repeats)
     flops = matmul_flops(spec, n, text_len, task != "text", task != "image") * (3 if task == "train" else 1)
     return {"seconds": seconds, "peak_mib": peak_mib() - baseline, "gflop": flops / 1e9}
+
+
+def every_position_through_the_last_block():
+    """
+    Undo the encoders' shortcut (see miniclip.transformer_forward): the last block works out every
+    position, as PyTorch's CLIPModel does, and the class or end-of-text token is read off afterwards.
+    """
+    forward, backward = mc.transformer_forward, mc.transformer_backward
+
+    def whole_forward(x, *args, at, **kwargs):
+        y, caches = forward(x, *args, at=None, **kwargs)                   # (N, T, D)
+        return y[np.arange(len(y)), at][:, None], (caches, at, y.shape)
+
+    def whole_backward(dout, cache, *args):
+        caches, at, shape = cache
+        d = np.zeros(shape, dout.dtype)
+        d[np.arange(len(d)), at] = dout[:, 0]
+        return backward(d, caches, *args)
+    mc.transformer_forward, mc.transformer_backward = whole_forward, whole_backward
 
 
 def rss_mib():
@@ -268,6 +289,8 @@ TRICKS = {
     "OpenBLAS's threads left spinning (OPENBLAS_THREAD_TIMEOUT unset)": ("letting BLAS threads sleep",
                                                                         {"OPENBLAS_THREAD_TIMEOUT": None}),
     "every array in one piece (no by_rows threads)": ("by_rows", {"BENCH_ROWS_WHOLE": "1"}),
+    "every position through the last block, as PyTorch": ("reading one position of the last block",
+                                                          {"BENCH_LAST_BLOCK_WHOLE": "1"}),
 }
 
 

@@ -106,6 +106,15 @@ def test_config_inferred_from_shapes_matches_presets():
         assert mc.config_from_params(fake) == cfg, name
 
 
+@pytest.mark.parametrize("field, value, message", [("activation", "relu", "is not one of"),
+                                                    ("objective", "mse", "is not one of"),
+                                                    ("text_layers", 0, "at least one layer"),
+                                                    ("vision_layers", 0, "at least one layer")])
+def test_config_refuses_what_the_model_cannot_run(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        mc.Config(**{field: value})
+
+
 # open_clip_config.json's model_cfg for ViT-B-32-quickgelu, as open_clip writes it.
 OPEN_CLIP_B32 = {"embed_dim": 512, "quick_gelu": True,
                  "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},

@@ -1,6 +1,6 @@
 """
 The README's `python train.py --tiny`, run in full, and the held-out zero-shot accuracy it prints:
-at least 95% on color-shape pairs never seen in training. It takes about four minutes, so it runs
+at least 95% on color-shape pairs never seen in training. It takes about three minutes, so it runs
 where MINICLIP_FULL_TINY=1 (CI sets it) and is skipped otherwise. It checks accuracy, not time.
 
 The recipe (train.py's TrainConfig) was chosen over seeds, not on seed 0 alone: at peak learning rate

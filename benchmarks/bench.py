@@ -1,14 +1,14 @@
 """
 miniclip against PyTorch (transformers' CLIPModel) on the same machine, weights and inputs, in one run.
 
-    python benchmarks/bench.py            the whole table, a few minutes on 2 cores
+    python benchmarks/bench.py            the whole table, about 15 minutes on 2 cores
     python benchmarks/bench.py --quick    two rounds, fewer repeats
 
 Both sides load one save_pretrained folder of random weights and use the same number of threads.
 Each measurement runs in a fresh subprocess, so its peak memory is its own: after loading the weights
 the process notes its resident memory, resets its peak (Linux's /proc/self/clear_refs), runs, and
 reports the peak (VmHWM) above that baseline: activations, gradients and optimizer state. A time is
-the median of the repeats after one warm-up. The train steps take turns over three rounds (each side,
+the median of the repeats after one warm-up. The train steps take turns over five rounds (each side,
 and each of miniclip's speed tricks undone, once a round), and a ratio is the median of the rounds'
 ratios: this machine's speed drifts by 10-30% between runs. GFLOP/s counts the matrix products each
 side runs (2 flops per multiply-add, 3x the forward's for a train step; miniclip's last blocks do less,
@@ -350,7 +350,7 @@ def main():
                 f"{ours['peak_mib']:.0f} / {theirs['peak_mib']:.0f}", lambda: f"{gf(ours)} / {gf(theirs)}")
 
     step = lambda r: f"{r['seconds'] * 1000:.0f} ms"
-    rounds = 2 if args.quick else 3
+    rounds = 2 if args.quick else 5
     with tempfile.TemporaryDirectory() as d:
         for i, (name, spec) in enumerate(TRAIN_SPECS.items()):
             folder = os.path.join(d, f"train{i}")

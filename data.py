@@ -18,15 +18,18 @@ each crop offset come from generators seeded with (seed, epoch) and (seed, step)
 for the same batches as an uninterrupted one, and the K processes of a data-parallel run, each
 decoding only its own slice of every batch, together see exactly what one process would.
 """
+import argparse
 import csv
 import dataclasses
 import hashlib
 import io
 import itertools
+import json
 import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import tarfile
@@ -41,7 +44,11 @@ from PIL import Image, ImageDraw
 import miniclip as mc
 
 
-class DataError(ValueError):
+class UserError(Exception):
+    """A problem with the user's input or files: printed as one line, exit status 1."""
+
+
+class DataError(UserError, ValueError):
     """Bad data or a bad data option: reported as one line naming the file."""
 
 
@@ -100,7 +107,8 @@ class Pairs:
     captions: Strings               # n strings
     locators: object                # n locators: Strings of paths, or an array of tuples or ints
     keys: object                    # n hashables, retrieval's notion of a match: the captions, or an object array
-    labels: np.ndarray = None       # (n,) index into the label list, for zero-shot accuracy
+    labels: np.ndarray = None       # (n,) index into label_names, for zero-shot accuracy
+    label_names: list = None        # the classes of zero-shot accuracy, as the prompts name them
     images: np.ndarray = None       # (m, L, L, 3) uint8, only for data held in memory
     source: str = ""                # what the user named, for messages
 
@@ -269,7 +277,7 @@ def shapes_world(n_train, n_eval, seed, image_size):
                       source="generated shapes")
     images, captions, attrs = make_shapes(n_eval, held, seed + 1, side)
     labels = np.array([LABELS.index(f"{a[0]} {a[1]}") for a in attrs])
-    val = Pairs(Strings.of(captions), np.arange(n_eval), object_column(attrs), labels, images=images,
+    val = Pairs(Strings.of(captions), np.arange(n_eval), object_column(attrs), labels, LABELS, images=images,
                 source="generated shapes")
     print(f"data: {n_train} generated training images of {len(train_pairs)} color-shape pairs, "
           f"{n_eval} of the {len(held)} held-out pairs ({', '.join(' '.join(p) for p in held)}); "
@@ -476,11 +484,13 @@ def csv_columns(f, separator, width):
         yield [list(c) for c in zip(*(row + [""] * (width - len(row)) for row in rows))][:width]
 
 
-def read_csv(path, img_key, caption_key, separator, skip_bad):
+def read_csv(path, img_key, caption_key, separator, skip_bad, label_key=None):
     """
     Index a CSV of image paths and captions; images are not opened here. A row with an empty caption
     or an image path that is not a file is bad: the run stops with a list of the first ones, or skips
     and counts them with skip_bad. A byte-order mark, as spreadsheet programs write, is allowed.
+    When the CSV has the column label_key, each pair also gets a label (its zero-shot class, and its
+    key for retrieval: a caption of the same class is a hit); an empty label makes a row bad.
     Each chunk of rows is handled a column at a time, in loops that run in C (str.split, set
     difference, str.join), so 300,000 rows index in about 0.18 s here; what is kept is two Strings.
     """
@@ -488,7 +498,8 @@ def read_csv(path, img_key, caption_key, separator, skip_bad):
         raise DataError(f"{path}: no such CSV file")
     base = os.path.dirname(os.path.abspath(path))
     prefix = base if base.endswith(os.sep) else base + os.sep
-    captions, locators, n_bad, first_bad = [], [], 0, []    # Strings per chunk; bad rows
+    captions, locators, labels, n_bad, first_bad = [], [], [], 0, []    # per chunk; bad rows
+    index = {}                                          # label -> its number, in order of first appearance
     files = FileLister(prefix)
     shown = Progress(f"indexing {path}, rows")
     try:
@@ -499,19 +510,25 @@ def read_csv(path, img_key, caption_key, separator, skip_bad):
                     raise DataError(f"{path}: no column {key!r}; the columns are {fields} "
                                     f"(set --csv-img-key, --csv-caption-key, --csv-separator)")
             i_img, i_cap = fields.index(img_key), fields.index(caption_key)
+            i_lab = fields.index(label_key) if label_key in fields else None
             line = 2                                    # of the chunk's first row; the header is line 1
             for columns in csv_columns(f, separator, len(fields)):
                 names, caps = columns[i_img], list(map(str.strip, columns[i_cap]))
+                labs = list(map(str.strip, columns[i_lab])) if i_lab is not None else []
                 absent = files.missing(names)
                 empty = [i for i, c in enumerate(caps) if not c] if "" in caps else []
-                if empty or absent:
-                    problem = {i: f"{names[i]}: no such file" for i in absent} | {i: "empty caption" for i in empty}
+                unlabeled = [i for i, c in enumerate(labs) if not c] if "" in labs else []
+                if empty or absent or unlabeled:
+                    problem = ({i: f"{names[i]}: no such file" for i in absent} | {i: "empty label" for i in unlabeled}
+                               | {i: "empty caption" for i in empty})
                     n_bad += len(problem)
                     first_bad += [f"line {line + i}: {problem[i]}" for i in sorted(problem)[:5 - len(first_bad)]]
                     caps = [c for i, c in enumerate(caps) if i not in problem]
                     names = [n for i, n in enumerate(names) if i not in problem]
+                    labs = [c for i, c in enumerate(labs) if i not in problem]
                 captions.append(Strings.of(caps))
                 locators.append(paths_under(prefix, names))
+                labels.append(np.fromiter((index.setdefault(x, len(index)) for x in labs), np.int64, len(labs)))
                 line += len(columns[i_img])
                 shown.update(line - 2)
     except UnicodeDecodeError as e:
@@ -525,7 +542,10 @@ def read_csv(path, img_key, caption_key, separator, skip_bad):
     if not captions or not sum(map(len, captions)):
         raise DataError(f"{path}: no usable image-caption pairs")
     captions = Strings.concat(captions)
-    return Pairs(captions, Strings.concat(locators), captions, source=path)
+    if not index:
+        return Pairs(captions, Strings.concat(locators), captions, source=path)
+    codes = np.concatenate(labels)
+    return Pairs(captions, Strings.concat(locators), codes, codes, label_names=list(index), source=path)
 
 
 # -----------------------------------------------------------------------------
@@ -597,13 +617,287 @@ def read_shards(patterns):
     return Pairs(captions, object_column(locators), captions, source=" ".join(patterns))
 
 
-def read_data(data, img_key="filepath", caption_key="title", separator=",", skip_bad=False):
+# -----------------------------------------------------------------------------
+# Emoji: real images with real captions. Three npm packages draw the same ~3,800 emoji, each in one
+# artist's style: Google's Noto and Twitter's Twemoji (as 64-pixel PNGs, listed in emoji.json) and
+# OpenMoji (as SVGs, with data/openmoji.csv giving each emoji its CLDR English name and tags). An
+# emoji is known everywhere by its code point sequence ("1F481-200D-2640-FE0F"), which matches it
+# across vendors once the variation selector FE0F is dropped. This is Icons-50's setting
+# (Hendrycks & Dietterich, 2019): one concept in several styles, one style kept out to test
+# robustness. prepare_emoji turns the three .tgz files, as `npm pack` writes them, into PNGs and
+# the CSVs that --data reads; nothing here downloads.
+
+EMOJI_PACKAGES = {"emoji-datasource-google": "google", "emoji-datasource-twitter": "twitter", "openmoji": "openmoji"}
+TRAIN_VENDORS, HELD_OUT_VENDOR = ("google", "twitter"), "openmoji"
+EMOJI_LICENSES = {"google": "Noto Emoji, Apache-2.0", "twitter": "Twemoji, CC-BY 4.0", "openmoji": "OpenMoji, CC BY-SA 4.0"}
+SKIN_TONES = {"1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF"}
+# man/woman -> person, boy/girl -> child, old man/woman -> older person: one concept's gender forms.
+UNGENDERED = {"1F468": "1F9D1", "1F469": "1F9D1", "1F466": "1F9D2", "1F467": "1F9D2", "1F474": "1F9D3", "1F475": "1F9D3"}
+ZWJ, FEMALE, MALE = "200D", "2640", "2642"
+# The caption forms of a training image. Several, so that a prompt is not a copy of one caption:
+# the name alone, in a sentence, and with CLDR's tags, the words that the names of unseen emoji share
+# with seen ones ("grinning face" is tagged "happy, smile, teeth").
+EMOJI_CAPTIONS = ("{name}", "an emoji of {name}", "{name}: {tags}", "a {tags} emoji of {name}")
+EMOJI_TEMPLATES = ("{}", "an emoji of {}")
+EMOJI_MARGIN = 1 / 16           # of the side, around each drawing scaled to fill the square
+
+
+def emoji_code(sequence):
+    """'1f481-200d-2640-fe0f' -> '1F481-200D-2640': the sequence that names one emoji in every package."""
+    return "-".join(p for p in sequence.upper().split("-") if p != "FE0F")
+
+
+def emoji_concept(code):
+    """
+    The concept an emoji belongs to: its code without skin tones or gender, so a concept's skin tones
+    and gender forms are held out together. 'woman tipping hand: dark skin tone' (1F481-1F3FF-200D-2640)
+    and 'man tipping hand' (1F481-200D-2642) both give 1F481; 'woman farmer' (1F469-200D-1F33E) gives
+    'farmer' (1F9D1-200D-1F33E). A skin tone swatch on its own (1F3FB) stays itself.
+    """
+    parts = [UNGENDERED.get(p, p) for p in code.split("-") if p not in SKIN_TONES]
+    kept = []
+    for p in parts:
+        if p in (FEMALE, MALE) and kept and kept[-1] == ZWJ:
+            kept.pop()                                  # "ZWJ female sign" marks a gender form
+        else:
+            kept.append(p)
+    return "-".join(kept) or code
+
+
+class EmojiPackages:
+    """The three tarballs, found by the name in each one's package.json (not by the file's name)."""
+
+    def __init__(self, paths):
+        self.paths = {}
+        for path in paths:
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such file")
+            try:
+                with tarfile.open(path, "r:gz") as tar:
+                    name = json.load(tar.extractfile("package/package.json")).get("name")
+            except (tarfile.TarError, OSError, KeyError, ValueError, AttributeError, EOFError) as e:
+                raise DataError(f"{path}: not an npm package tarball ({e})") from None
+            if name not in EMOJI_PACKAGES:
+                raise DataError(f"{path}: holds the npm package {name!r}, not one of {', '.join(EMOJI_PACKAGES)}")
+            if EMOJI_PACKAGES[name] in self.paths:
+                raise DataError(f"{path}: a second tarball of {name}")
+            self.paths[EMOJI_PACKAGES[name]] = path
+        missing = [p for p, v in EMOJI_PACKAGES.items() if v not in self.paths]
+        if missing:
+            raise DataError(f"no tarball of {', '.join(missing)} given (npm pack {' '.join(missing)} fetches them)")
+
+    def members(self, vendor, wanted):
+        """{name: bytes} of the members of vendor's tarball named in wanted, in one pass over the gzip stream."""
+        found = {}
+        with tarfile.open(self.paths[vendor], "r:gz") as tar:
+            for member in tar:
+                if member.isfile() and member.name in wanted:
+                    found[member.name] = tar.extractfile(member).read()
+        return found
+
+
+def emoji_table(packages):
+    """
+    Every emoji that all three vendors draw, as {code: dict(name, tags, concept, group, files)}, where
+    files maps each vendor to its member name; and the codes skipped, with why. Names and tags come
+    from openmoji.csv (CLDR); a skin tone variant has no tags of its own and takes its base's.
+    """
+    sheet = "package/data/openmoji.csv"
+    text = packages.members("openmoji", {sheet}).get(sheet)
+    if text is None:
+        raise DataError(f"{packages.paths['openmoji']}: no {sheet[8:]}")
+    rows = {emoji_code(r["hexcode"]): r for r in csv.DictReader(io.StringIO(text.decode("utf-8")))}
+    listed = {}
+    for vendor in TRAIN_VENDORS:
+        raw = packages.members(vendor, {"package/emoji.json"}).get("package/emoji.json")
+        if raw is None:
+            raise DataError(f"{packages.paths[vendor]}: no emoji.json")
+        try:
+            entries = json.loads(raw)
+        except ValueError as e:
+            raise DataError(f"{packages.paths[vendor]}: emoji.json is not JSON ({e})") from None
+        for entry in entries:
+            for e in [entry, *(entry.get("skin_variations") or {}).values()]:
+                if e.get(f"has_img_{vendor}"):
+                    listed.setdefault(emoji_code(e["unified"]), {})[vendor] = f"package/img/{vendor}/64/{e['image']}"
+    table, skipped = {}, []
+    for code, files in listed.items():
+        row = rows.get(code)
+        if len(files) < len(TRAIN_VENDORS):
+            skipped.append((code, f"not drawn by {' and '.join(v for v in TRAIN_VENDORS if v not in files)}"))
+        elif row is None or not row["annotation"].strip():
+            skipped.append((code, "no CLDR name in openmoji.csv"))
+        else:
+            base = rows.get(emoji_code(row["skintone_base_hexcode"] or code), row)
+            tags = [t.strip() for t in (row["tags"] or base["tags"]).split(",") if t.strip()]
+            files["openmoji"] = f"package/color/svg/{row['hexcode']}.svg"
+            table[code] = dict(name=row["annotation"].strip(), tags=tags, concept=emoji_concept(code),
+                               group=row["group"], files=files)
+    return table, skipped
+
+
+def fill_square(rgba, size, background):
+    """
+    An RGBA drawing -> size x size RGB: cropped to where it is not transparent, scaled to fill the
+    square but a margin, centered, and composited onto the background. Vendors frame their art
+    differently (OpenMoji's faces span two thirds of the canvas, Noto's nearly all of it); this way
+    they differ in art, not in scale.
+    """
+    box = rgba.getchannel("A").getbbox()
+    if box is None:
+        raise ValueError("the image is fully transparent")
+    art = rgba.crop(box)
+    inner = size - 2 * round(size * EMOJI_MARGIN)
+    scale = inner / max(art.size)
+    art = art.resize((max(1, round(art.width * scale)), max(1, round(art.height * scale))), Image.LANCZOS)
+    canvas = Image.new("RGBA", (size, size), background + (255,))
+    canvas.alpha_composite(art, ((size - art.width) // 2, (size - art.height) // 2))
+    return canvas.convert("RGB")
+
+
+def rasterizer():
+    """OpenMoji's SVGs -> RGBA PIL images, by resvg (an optional dependency of this step only)."""
+    try:
+        import resvg_py
+    except ImportError:
+        raise DataError("rasterizing OpenMoji's SVGs needs resvg-py: pip install resvg-py==0.5.0") from None
+
+    def render(svg, side):
+        return Image.open(io.BytesIO(bytes(resvg_py.svg_to_bytes(svg_string=svg.decode("utf-8"), width=side,
+                                                                 height=side)))).convert("RGBA")
+    return render
+
+
+def emoji_images(packages, table, size, background):
+    """{(vendor, code): size x size RGB} for every emoji of the table; an image that does not decode is an error naming it."""
+    render, images = rasterizer(), {}
+    for vendor in EMOJI_PACKAGES.values():
+        wanted = {e["files"][vendor]: code for code, e in table.items()}
+        found = packages.members(vendor, wanted)
+        shown = Progress(f"emoji: {vendor}, images", len(wanted))
+        for done, (member, code) in enumerate(wanted.items(), start=1):
+            if member not in found:
+                raise DataError(f"{packages.paths[vendor]}: no {member[8:]} for {table[code]['name']!r}")
+            try:
+                if vendor == HELD_OUT_VENDOR:           # drawn at 4x, so the crop to the art loses nothing
+                    rgba = render(found[member], 4 * size)
+                else:
+                    rgba = Image.open(io.BytesIO(found[member]))
+                    rgba.load()
+                    rgba = rgba.convert("RGBA")
+                images[vendor, code] = fill_square(rgba, size, background)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise DataError(f"{packages.paths[vendor]}: {member[8:]} does not decode ({e})") from None
+            shown.update(done)
+    return images
+
+
+def emoji_splits(table, seed, test_frac=1 / 7, val_frac=1 / 14):
+    """
+    {code: "train" | "val" | "test"}, by concept: a seeded test_frac of the concepts is held out for
+    the final numbers, val_frac more for choosing a recipe, and the rest trains. Every emoji of a
+    concept (its skin tones and gender forms) lands where its concept does.
+    """
+    concepts = sorted({e["concept"] for e in table.values()})
+    order = np.random.default_rng(seed).permutation(len(concepts))
+    n_test, n_val = round(len(concepts) * test_frac), round(len(concepts) * val_frac)
+    where = {concepts[i]: "test" if k < n_test else "val" if k < n_test + n_val else "train"
+             for k, i in enumerate(order)}
+    return {code: where[e["concept"]] for code, e in table.items()}
+
+
+def emoji_caption(rng, form, entry):
+    tags = [t for t in entry["tags"] if t.lower() not in entry["name"].lower()] or entry["tags"] or [entry["group"]]
+    picked = rng.choice(len(tags), min(len(tags), 3), replace=False)
+    return form.format(name=entry["name"], tags=", ".join(tags[i] for i in sorted(picked)))
+
+
+def write_csv_rows(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def prepare_emoji(tarballs, out, seed=0, size=64, background=(255, 255, 255)):
+    """
+    The emoji data set in the folder out, from the three package tarballs:
+        images/<vendor>/<code>.png     every emoji of every vendor, size x size RGB
+        train.csv                      Noto and Twemoji images of the training concepts, one row per
+                                       caption form (filepath, title, label)
+        val.csv                        the validation concepts in the training vendors, for choosing a
+                                       recipe (filepath, title, label: the caption is "an emoji of <name>")
+        test_concepts.csv              the held-out concepts in the training vendors
+        test_vendor_seen.csv           OpenMoji's drawings of the training concepts (a style never trained on)
+        test_vendor_unseen.csv         OpenMoji's drawings of the held-out concepts
+        labels_<split>.txt, labels.txt the CLDR names of each split's emoji, and of all of them
+        splits.json                    the seed, each concept's split, the counts and what was skipped
+    Everything is read and decoded before anything is written, and the folder appears whole: it is
+    built under a temporary name and renamed.
+    """
+    if os.path.exists(out):
+        raise DataError(f"{out}: already exists; remove it or choose another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise DataError(f"{out}: no folder {parent}")
+    packages = EmojiPackages(tarballs)
+    table, skipped = emoji_table(packages)
+    if not table:
+        raise DataError("the packages share no emoji with a CLDR name")
+    images = emoji_images(packages, table, size, background)
+    split_of = emoji_splits(table, seed)
+    rng = np.random.default_rng([seed, 4])
+    rows = {name: [] for name in ("train", "val", "test_concepts", "test_vendor_seen", "test_vendor_unseen")}
+    for code, e in table.items():
+        split = split_of[code]
+        for vendor in EMOJI_PACKAGES.values():
+            path = f"images/{vendor}/{code}.png"
+            if vendor == HELD_OUT_VENDOR:
+                if split != "val":
+                    rows["test_vendor_seen" if split == "train" else "test_vendor_unseen"].append(
+                        (path, f"an emoji of {e['name']}", e["name"]))
+            elif split == "train":
+                rows["train"] += [(path, emoji_caption(rng, form, e), e["name"]) for form in EMOJI_CAPTIONS]
+            else:
+                rows["val" if split == "val" else "test_concepts"].append((path, f"an emoji of {e['name']}", e["name"]))
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        for vendor in EMOJI_PACKAGES.values():
+            os.makedirs(os.path.join(tmp, "images", vendor))
+        for (vendor, code), img in images.items():
+            img.save(os.path.join(tmp, "images", vendor, f"{code}.png"))
+        for name, r in rows.items():
+            write_csv_rows(os.path.join(tmp, f"{name}.csv"), ("filepath", "title", "label"), r)
+        names = {s: [e["name"] for c, e in table.items() if split_of[c] == s] for s in ("train", "val", "test")}
+        for s, n in names.items():
+            with open(os.path.join(tmp, f"labels_{s}.txt"), "w", encoding="utf-8") as f:
+                f.write("".join(x + "\n" for x in n))
+        with open(os.path.join(tmp, "labels.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(e["name"] + "\n" for e in table.values()))
+        summary = {"seed": seed, "size": size, "background": list(background), "train_vendors": list(TRAIN_VENDORS),
+                   "held_out_vendor": HELD_OUT_VENDOR, "caption_forms": list(EMOJI_CAPTIONS),
+                   "templates": list(EMOJI_TEMPLATES), "licenses": EMOJI_LICENSES,
+                   "packages": {v: os.path.basename(p) for v, p in packages.paths.items()},
+                   "counts": {**{f"{k}_rows": len(v) for k, v in rows.items()}, **{f"{s}_names": len(n) for s, n in names.items()},
+                              "concepts": {s: len({table[c]["concept"] for c in table if split_of[c] == s}) for s in names}},
+                   "skipped": [f"{c}: {why}" for c, why in skipped],
+                   "concepts": {s: sorted({table[c]["concept"] for c in table if split_of[c] == s}) for s in names}}
+        with open(os.path.join(tmp, "splits.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1, ensure_ascii=False)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def read_data(data, img_key="filepath", caption_key="title", separator=",", skip_bad=False, label_key=None):
     """--data as given: shards when every entry names .tar files, else one CSV."""
     if all(p.endswith(".tar") for p in data):
         return read_shards(data)
     if len(data) > 1:
         raise DataError("--data takes one CSV, or any number of .tar shards")
-    return read_csv(data[0], img_key, caption_key, csv_separator(separator), skip_bad)
+    return read_csv(data[0], img_key, caption_key, csv_separator(separator), skip_bad, label_key)
 
 
 def split(pairs, val_frac, val_max, seed):
@@ -738,3 +1032,37 @@ class Loader:
         requests = ((np.arange(i, min(i + chunk, len(pairs))), np.full((min(chunk, len(pairs) - i), 2), o))
                     for i in range(0, len(pairs), chunk))
         return self.batches(pairs, requests)
+
+
+def main(argv=None):
+    """python data.py emoji TARBALL... : prepare the emoji data set (the other data sets need no step)."""
+    p = argparse.ArgumentParser(description="Prepare a data set for train.py --data.")
+    sub = p.add_subparsers(dest="dataset", required=True)
+    e = sub.add_parser("emoji", help="emoji art of three vendors, from the tarballs `npm pack "
+                       "emoji-datasource-google emoji-datasource-twitter openmoji` writes")
+    e.add_argument("tarballs", nargs="+", help="the three .tgz files, in any order")
+    e.add_argument("--out", default=os.path.join("data", "emoji"), help="a new folder (default: data/emoji)")
+    e.add_argument("--seed", type=int, default=0, help="chooses the held-out and validation concepts (default 0)")
+    e.add_argument("--size", type=int, default=64, help="side of the written images in pixels (default 64)")
+    args = p.parse_args(argv)
+    if args.size < 8:
+        print(f"error: --size must be at least 8, got {args.size}", file=sys.stderr)
+        return 1
+    t0 = time.time()
+    try:
+        s = prepare_emoji(args.tarballs, args.out, args.seed, args.size)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    c = s["counts"]
+    if s["skipped"]:
+        print(f"skipped {len(s['skipped'])} emoji, first: {s['skipped'][0]}")
+    print(f"wrote {args.out} in {time.time() - t0:.0f}s: {c['train_rows']:,} training rows ({c['train_names']:,} emoji, "
+          f"{c['concepts']['train']:,} concepts, {len(EMOJI_CAPTIONS)} captions each in "
+          f"{' and '.join(TRAIN_VENDORS)}); {c['val_names']:,} validation emoji; held out: {c['test_names']:,} emoji "
+          f"({c['concepts']['test']:,} concepts), and every {HELD_OUT_VENDOR} drawing")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

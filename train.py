@@ -46,6 +46,8 @@ from PIL import Image
 import bpe
 import data
 import miniclip as mc
+from data import UserError
+from zeroshot import evaluate, trim
 
 
 def keep_freed_memory():
@@ -71,10 +73,6 @@ def keep_freed_memory():
         pass
 
 
-class UserError(Exception):
-    """A problem with the user's input or files: printed as one line, exit status 1."""
-
-
 class GroupError(UserError):
     """A UserError raised on every process of a data-parallel run at once (as on the only one of a plain run)."""
 
@@ -83,106 +81,10 @@ class GroupError(UserError):
 # Batches
 
 
-def trim(ids):
-    """
-    Drop the columns after the last end-of-text token in the batch. Attention is causal and the
-    feature is read at EOT, so padding after EOT never changes the result, and the text tower does
-    less work. EOT has the highest id, so its position is argmax; counting nonzero ids instead would
-    be wrong, because id 0 is a real token ("!" in CLIP's byte order).
-    """
-    return ids[:, :int(ids.argmax(axis=1).max()) + 1]
-
-
 def batch_inputs(crops, captions, tok, cfg):
     """uint8 crops (n, S, S, 3) and n captions -> the model's (pixels (n, 3, S, S), ids (n, T)) on the device."""
     ids = tok.tokenize(captions, cfg.context_length, truncate=True)
     return mc.to_device(mc.normalize_pixels(crops)), mc.to_device(trim(ids))
-
-
-# -----------------------------------------------------------------------------
-# Evaluation, in blocks: memory grows linearly with the validation set, never with its square.
-
-EVAL_CHUNK = 256                # images or texts embedded at a time
-RECALL_BLOCK = 1024             # queries whose similarities to every item are held at once
-
-
-def embed_images(params, cfg, pairs, loader):
-    """Normalized embeddings of every image of pairs, center-cropped, as NumPy (N, E)."""
-    shown, out = data.Progress("evaluating, images", len(pairs)), []
-    for crops, _ in loader.center_crops(pairs, EVAL_CHUNK):
-        pixels = mc.to_device(mc.normalize_pixels(crops))
-        out.append(mc.to_numpy(mc.l2_normalize(mc.encode_image(params, cfg, pixels))))
-        shown.update(sum(len(o) for o in out))
-    return np.concatenate(out)
-
-
-def embed_texts(params, cfg, tok, texts):
-    """Normalized text embeddings as NumPy, (N, E)."""
-    return np.concatenate([mc.to_numpy(mc.l2_normalize(mc.encode_text(params, cfg, mc.to_device(trim(
-        tok.tokenize(texts[i:i + EVAL_CHUNK], cfg.context_length, truncate=True))))))
-        for i in range(0, len(texts), EVAL_CHUNK)])
-
-
-def recall_at(queries, items, query_keys, item_keys, ks=(1, 5)):
-    """
-    The fraction of queries whose k nearest items (by cosine similarity) include one with the query's
-    key. queries: (Q, E), items: (N, E), unit rows; keys: integer arrays. The similarities are formed
-    RECALL_BLOCK queries at a time, and only the best max(ks) of each row are sorted.
-    """
-    k_max = min(max(ks), len(items))
-    hits = dict.fromkeys(ks, 0)
-    for b in range(0, len(queries), RECALL_BLOCK):
-        sim = queries[b:b + RECALL_BLOCK] @ items.T                             # (b, N)
-        top = np.argpartition(-sim, k_max - 1, axis=1)[:, :k_max]               # (b, k): the best, unordered
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(sim, top, 1), axis=1), 1)  # best first
-        match = item_keys[top] == query_keys[b:b + RECALL_BLOCK, None]          # (b, k)
-        for k in ks:
-            hits[k] += int(match[:, :k].any(axis=1).sum())
-    return {k: hits[k] / len(queries) for k in ks}
-
-
-def prompt_ids(tok, cfg, labels, templates):
-    """
-    Every label in every template, label-major, as token ids on the device: (labels * templates, T).
-    A prompt longer than the context is cut, with a warning.
-    """
-    prompts = [t.format(label) for label in labels for t in templates]
-    for p in prompts:
-        n = len(tok.encode(p)) + 2
-        if n > cfg.context_length:
-            print(f"warning: prompt {p[:60]!r} is {n} tokens, over the context of {cfg.context_length}; "
-                  "truncated", file=sys.stderr)
-    return mc.to_device(tok.tokenize(prompts, cfg.context_length, truncate=True))
-
-
-def evaluate(params, cfg, tok, val, labels, templates, loader):
-    """Zero-shot top-1 over `labels` (when the data has labels) and retrieval recall in both directions."""
-    if cfg.objective == "bow":
-        return evaluate_bow(params, cfg, tok, val, labels, templates, loader)
-    img = embed_images(params, cfg, val, loader)
-    txt = embed_texts(params, cfg, tok, val.captions)
-    codes = {k: i for i, k in enumerate(dict.fromkeys(val.keys))}
-    keys = np.array([codes[k] for k in val.keys])
-    i2t, t2i = recall_at(img, txt, keys, keys), recall_at(txt, img, keys, keys)
-    out = {"i2t_r1": i2t[1], "i2t_r5": i2t[5], "t2i_r1": t2i[1], "t2i_r5": t2i[5]}
-    if val.labels is not None:
-        prompts = prompt_ids(tok, cfg, labels, templates)
-        classes = mc.to_numpy(mc.class_embeddings(params, cfg, prompts, len(templates)))
-        predicted = np.concatenate([(img[i:i + RECALL_BLOCK] @ classes.T).argmax(axis=1)
-                                    for i in range(0, len(img), RECALL_BLOCK)])
-        out["zeroshot_top1"] = float((predicted == val.labels).mean())
-    return out
-
-
-def evaluate_bow(params, cfg, tok, val, labels, templates, loader):
-    """The bag-of-words model has no text embeddings, so no retrieval: zero-shot top-1 only."""
-    if val.labels is None:
-        return {}
-    prompts = prompt_ids(tok, cfg, labels, templates)
-    predicted = np.concatenate([mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(mc.normalize_pixels(crops)),
-                                                                prompts, len(templates))).argmax(axis=1)
-                                for crops, _ in loader.center_crops(val, EVAL_CHUNK)])
-    return {"zeroshot_top1": float((predicted == val.labels).mean())}
 
 
 # -----------------------------------------------------------------------------
@@ -444,7 +346,8 @@ def lr_at(step, tc):
 
 
 # What --resume restores of the data options, so that it reads and splits the data as the run did.
-DATA_ARGS = ("data", "csv_img_key", "csv_caption_key", "csv_separator", "val_frac", "val_max", "skip_bad")
+DATA_ARGS = ("data", "csv_img_key", "csv_caption_key", "csv_label_key", "csv_separator", "val", "val_frac",
+             "val_max", "skip_bad", "labels_file", "template")
 AT_LEAST = {"steps": 1, "batch_size": 1, "warmup": 0, "n_train": 1, "n_eval": 1, "log_every": 1,
             "eval_every": 1, "val_max": 0, "workers": 0, "stop_at": 1, "vocab_size": 512 + 2}
 
@@ -472,27 +375,56 @@ def check_args(args):
         given = "--data" if args.data else "--init" if args.init else f"--preset {args.preset}"
         raise UserError(f"--tiny is the tiny model on generated shapes; {given} asks for another run: give one of them")
     if args.resume:
-        given = [f"--{k}" for k in ("init", "data", "tokenizer") if getattr(args, k)] + (["--tiny"] if args.tiny else [])
+        given = [f"--{k.replace('_', '-')}" for k in ("init", "data", "val", "tokenizer", "labels_file", "template")
+                 if getattr(args, k)] + (["--tiny"] if args.tiny else [])
         if given:
             raise UserError(f"--resume continues the saved run with its own data and model; drop {', '.join(given)}")
-    for flag in ("resume", "init", "tokenizer"):
+    if args.val and not args.data:
+        raise UserError("--val is the validation CSV of a --data run")
+    for t in args.template or ():
+        if "{}" not in t:
+            raise UserError(f"--template {t!r} has no {{}} for the label")
+    for flag in ("resume", "init", "tokenizer", "val", "labels_file"):
         path = getattr(args, flag)
         if path and not os.path.exists(path):
-            raise UserError(f"--{flag} {path}: no such file or directory")
+            raise UserError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
 
 
 def build_data(args, cfg, tc):
     """
-    The training and evaluation pairs for a model of cfg's image size, the labels and templates of
-    zero-shot evaluation, the held-out color-shape pairs (--tiny), and a fingerprint of the data.
+    The training and evaluation pairs for a model of cfg's image size, the labels and templates that
+    the checkpoint keeps for zeroshot.py, the held-out color-shape pairs (--tiny), and a fingerprint
+    of the training data. Validation is --val's CSV, or a --val-frac split of --data; zero-shot
+    accuracy is measured among the labels of its label column, when it has one.
     """
+    templates = args.template or list(data.TEMPLATES)
     if args.data is None:
         train_set, val, held = data.shapes_world(tc.n_train, tc.n_eval, tc.seed, cfg.image_size)
-        return train_set, val, data.LABELS, list(data.TEMPLATES), held, train_set.fingerprint()
-    pairs = data.read_data(args.data, args.csv_img_key, args.csv_caption_key, args.csv_separator, args.skip_bad)
-    train_set, val = data.split(pairs, args.val_frac, args.val_max, tc.seed)
-    print(f"data: {len(train_set)} training pairs, {len(val) if val else 0} validation pairs from {pairs.source}")
-    return train_set, val, [], list(data.TEMPLATES), [], pairs.fingerprint()
+        return train_set, val, data.LABELS, templates, held, train_set.fingerprint()
+    columns = (args.csv_img_key, args.csv_caption_key, args.csv_separator, args.skip_bad, args.csv_label_key)
+    pairs = data.read_data(args.data, *columns)
+    if args.val:
+        train_set, val = pairs, data.read_csv(args.val, *columns[:2], data.csv_separator(columns[2]), *columns[3:])
+    else:
+        train_set, val = data.split(pairs, args.val_frac, args.val_max, tc.seed)
+    where = f"from {pairs.source}" + (f" and {val.source}" if args.val else "")
+    of = f", of {len(val.label_names)} labels" if val is not None and val.label_names else ""
+    print(f"data: {len(train_set)} training pairs, {len(val) if val else 0} validation pairs {where}{of}")
+    labels = read_lines(args.labels_file, "labels") if args.labels_file else (
+        val.label_names if val is not None and val.label_names else [])
+    return train_set, val, labels, templates, [], pairs.fingerprint()
+
+
+def read_lines(path, what):
+    """The non-empty lines of a UTF-8 text file, stripped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the {what} ({e})") from None
+    if not lines:
+        raise UserError(f"{path}: no {what} in the file")
+    return lines
 
 
 def load_model(args):
@@ -558,7 +490,7 @@ def setup(args):
         if tc.steps < meta["step"]:
             raise UserError(f"--steps {tc.steps}: {args.resume} is already at step {meta['step']}")
         for k in DATA_ARGS:                             # the data of the interrupted run
-            setattr(args, k, meta["data_args"][k])
+            setattr(args, k, meta["data_args"].get(k, getattr(args, k)))
         tok = bpe.from_list(meta["tokenizer"])
     else:
         tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -751,7 +683,7 @@ def train_loop(args, run, group=None):
             if step % tc.eval_every == 0 or step == tc.steps:
                 save()                                  # before evaluating, so a failed evaluation loses nothing
                 if val is not None and lead:
-                    m = evaluate(params, cfg, tok, val, run["labels"], run["templates"], loader)
+                    m = evaluate(params, cfg, tok, val, val.label_names, run["templates"], loader)
                     print(f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
                     log({"step": step, "eval": m})
     finally:
@@ -798,7 +730,10 @@ def parse_args(argv=None):
                      "webdataset .tar shards: paths or brace patterns such as 'shards/{00000..00099}.tar'")
     src.add_argument("--csv-img-key", default="filepath", help="image path column (default: filepath)")
     src.add_argument("--csv-caption-key", default="title", help="caption column (default: title)")
+    src.add_argument("--csv-label-key", default="label", help="label column, if the CSV has one: zero-shot accuracy "
+                     "is measured among the validation pairs' labels (default: label)")
     src.add_argument("--csv-separator", default=",", help="CSV field separator (default: ,; '\\t' for a tab)")
+    src.add_argument("--val", help="a CSV of validation pairs (columns as --data's), instead of a --val-frac split")
     src.add_argument("--val-frac", type=float, default=0.1, help="share of --data kept for validation (default 0.1)")
     src.add_argument("--val-max", type=int, default=5000, help="at most this many validation pairs (default 5000)")
     src.add_argument("--skip-bad", action="store_true", help="skip rows with a missing or unreadable image or no caption")
@@ -811,6 +746,10 @@ def parse_args(argv=None):
                    help="contrastive (CLIP), or bow: predict the caption's bag of words from the image, "
                         "the paper's baseline (an ablation; no text tower, no retrieval)")
     m.add_argument("--tokenizer", help="a tokenizer file for bpe.load; default: train one on the captions")
+    m.add_argument("--template", action="append", help="a prompt template with {} for the label, for zero-shot "
+                   "evaluation and kept for zeroshot.py; repeat to ensemble (default: five of the form 'a photo of a {}')")
+    m.add_argument("--labels-file", help="labels kept in the checkpoint for zeroshot.py, one per line (default: the "
+                   "validation pairs' labels)")
     m.add_argument("--vocab-size", type=int, help="vocabulary size when training the tokenizer")
     o = p.add_argument_group("optimization")
     for f in dataclasses.fields(TrainConfig):

@@ -19,8 +19,9 @@ import sys
 import numpy as np
 
 import bpe
+import data
 import miniclip as mc
-from train import UserError, prompt_ids
+from data import UserError
 
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "tiny.npz")
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -208,6 +209,144 @@ def save_embeddings(path, paths, images, text_key, texts, text_embeddings, scale
                         "logit_scale": np.float64(scale)})
 
 
+# -----------------------------------------------------------------------------
+# Evaluation on labeled pairs: train.py's during training, and --test's on any labeled CSV. In
+# blocks, so memory grows linearly with the evaluation set, never with its square.
+
+EVAL_CHUNK = 256                # images or texts embedded at a time
+RECALL_BLOCK = 1024             # queries whose similarities to every item are held at once
+
+
+def trim(ids):
+    """
+    Drop the columns after the last end-of-text token in the batch. Attention is causal and the
+    feature is read at EOT, so padding after EOT never changes the result, and the text tower does
+    less work. EOT has the highest id, so its position is argmax; counting nonzero ids instead would
+    be wrong, because id 0 is a real token ("!" in CLIP's byte order).
+    """
+    return ids[:, :int(ids.argmax(axis=1).max()) + 1]
+
+
+
+def embed_pairs(params, cfg, pairs, loader):
+    """Normalized embeddings of every image of pairs, center-cropped, as NumPy (N, E)."""
+    shown, out = data.Progress("evaluating, images", len(pairs)), []
+    for crops, _ in loader.center_crops(pairs, EVAL_CHUNK):
+        pixels = mc.to_device(mc.normalize_pixels(crops))
+        out.append(mc.to_numpy(mc.l2_normalize(mc.encode_image(params, cfg, pixels))))
+        shown.update(sum(len(o) for o in out))
+    return np.concatenate(out)
+
+
+def embed_texts(params, cfg, tok, texts):
+    """Normalized text embeddings as NumPy, (N, E)."""
+    return np.concatenate([mc.to_numpy(mc.l2_normalize(mc.encode_text(params, cfg, mc.to_device(trim(
+        tok.tokenize(texts[i:i + EVAL_CHUNK], cfg.context_length, truncate=True))))))
+        for i in range(0, len(texts), EVAL_CHUNK)])
+
+
+def recall_at(queries, items, query_keys, item_keys, ks=(1, 5)):
+    """
+    The fraction of queries whose k nearest items (by cosine similarity) include one with the query's
+    key. queries: (Q, E), items: (N, E), unit rows; keys: integer arrays. The similarities are formed
+    RECALL_BLOCK queries at a time, and only the best max(ks) of each row are sorted.
+    """
+    k_max = min(max(ks), len(items))
+    hits = dict.fromkeys(ks, 0)
+    for b in range(0, len(queries), RECALL_BLOCK):
+        sim = queries[b:b + RECALL_BLOCK] @ items.T                             # (b, N)
+        top = np.argpartition(-sim, k_max - 1, axis=1)[:, :k_max]               # (b, k): the best, unordered
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(sim, top, 1), axis=1), 1)  # best first
+        match = item_keys[top] == query_keys[b:b + RECALL_BLOCK, None]          # (b, k)
+        for k in ks:
+            hits[k] += int(match[:, :k].any(axis=1).sum())
+    return {k: hits[k] / len(queries) for k in ks}
+
+
+def prompt_ids(tok, cfg, labels, templates):
+    """
+    Every label in every template, label-major, as token ids on the device: (labels * templates, T).
+    A prompt longer than the context is cut, with one warning for all of them.
+    """
+    prompts = [t.format(label) for label in labels for t in templates]
+    long = [(p, n) for p in prompts if (n := len(tok.encode(p)) + 2) > cfg.context_length]
+    if long:
+        more = f" (and {len(long) - 1} more prompts)" if len(long) > 1 else ""
+        print(f"warning: prompt {long[0][0][:60]!r} is {long[0][1]} tokens, over the context of {cfg.context_length}; "
+              f"truncated{more}", file=sys.stderr)
+    return mc.to_device(tok.tokenize(prompts, cfg.context_length, truncate=True))
+
+
+def label_ranks(scores, labels):
+    """(n,): how many classes each row of scores (n, classes) puts above its right one; 0 is a top-1 hit."""
+    return (scores > np.take_along_axis(scores, labels[:, None], 1)).sum(axis=1)
+
+
+def evaluate(params, cfg, tok, val, labels, templates, loader):
+    """
+    Retrieval recall in both directions (a hit: the same key) and, when the pairs have labels, the
+    zero-shot top-1 and top-5 accuracy among `labels`, each label's prompts ensembled.
+    """
+    if cfg.objective == "bow":
+        return evaluate_bow(params, cfg, tok, val, labels, templates, loader)
+    img = embed_pairs(params, cfg, val, loader)
+    txt = embed_texts(params, cfg, tok, val.captions)
+    codes = {k: i for i, k in enumerate(dict.fromkeys(val.keys))}
+    keys = np.array([codes[k] for k in val.keys])
+    i2t, t2i = recall_at(img, txt, keys, keys), recall_at(txt, img, keys, keys)
+    out = {"i2t_r1": i2t[1], "i2t_r5": i2t[5], "t2i_r1": t2i[1], "t2i_r5": t2i[5]}
+    if val.labels is not None:
+        prompts = prompt_ids(tok, cfg, labels, templates)
+        classes = mc.to_numpy(mc.class_embeddings(params, cfg, prompts, len(templates)))     # (labels, E)
+        ranks = np.concatenate([label_ranks(img[i:i + RECALL_BLOCK] @ classes.T, val.labels[i:i + RECALL_BLOCK])
+                                for i in range(0, len(img), RECALL_BLOCK)])
+        out["zeroshot_top1"], out["zeroshot_top5"] = float((ranks < 1).mean()), float((ranks < 5).mean())
+    return out
+
+
+def evaluate_bow(params, cfg, tok, val, labels, templates, loader):
+    """The bag-of-words model has no text embeddings, so no retrieval: zero-shot top-1 and top-5 only."""
+    if val.labels is None:
+        return {}
+    prompts = prompt_ids(tok, cfg, labels, templates)
+    scores = np.concatenate([mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(mc.normalize_pixels(crops)),
+                                                             prompts, len(templates)))
+                             for crops, _ in loader.center_crops(val, EVAL_CHUNK)])
+    ranks = label_ranks(scores, val.labels)
+    return {"zeroshot_top1": float((ranks < 1).mean()), "zeroshot_top5": float((ranks < 5).mean())}
+
+
+def test(params, cfg, tok, path, labels, templates, workers):
+    """
+    Score a labeled CSV (columns filepath, title, label) as train.py's evaluation does: the images
+    center-cropped from 9/8 of the model's side, zero-shot top-1 and top-5 among `labels` (default:
+    the CSV's own labels), and retrieval of the CSV's captions, a hit being a caption of the same label.
+    """
+    pairs = data.read_csv(path, "filepath", "title", ",", False, "label")
+    if pairs.label_names is None:
+        raise UserError(f"{path}: no 'label' column (--test takes a CSV with filepath, title and label)")
+    if labels is not None:
+        index = {label: i for i, label in enumerate(labels)}
+        unknown = [x for x in pairs.label_names if x not in index]
+        if unknown:
+            raise UserError(f"{path}: {len(unknown)} labels are not in the label list, first: {unknown[0]!r}")
+        pairs.labels = np.array([index[x] for x in pairs.label_names])[pairs.labels]
+        pairs.label_names = labels
+    loader = data.Loader(cfg.image_size, workers)
+    try:
+        metrics = evaluate(params, cfg, tok, pairs, pairs.label_names, templates, loader)
+    finally:
+        loader.close()
+    return {"test": path, "images": len(pairs), "labels": len(pairs.label_names), **metrics}
+
+
+def print_test(result):
+    r = result
+    print(f"{r['test']}: {r['images']:,} images, {r['labels']:,} labels | zero-shot top-1 {r['zeroshot_top1']:.1%} "
+          f"top-5 {r['zeroshot_top5']:.1%} | image->text R@1 {r['i2t_r1']:.1%} R@5 {r['i2t_r5']:.1%} | "
+          f"text->image R@1 {r['t2i_r1']:.1%} R@5 {r['t2i_r5']:.1%}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("images", nargs="*", help="image files")
@@ -220,6 +359,10 @@ def main(argv=None):
     what.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,car"')
     what.add_argument("--labels-file", help="a file with one label per line")
     what.add_argument("--query", action="append", help="rank the images by this text instead; repeat for more")
+    p.add_argument("--test", action="append", metavar="CSV",
+                   help="score a labeled CSV (filepath, title, label) instead: zero-shot top-1 and top-5 among its "
+                        "labels (or --labels/--labels-file's) and retrieval recall; repeat for more")
+    p.add_argument("--workers", type=int, default=2, help="--test: processes decoding images (default 2)")
     p.add_argument("--template", action="append",
                    help='a prompt template with {} for the label; repeat to ensemble (default: the '
                         f'checkpoint\'s, or "{DEFAULT_TEMPLATE}")')
@@ -234,15 +377,32 @@ def main(argv=None):
     try:
         if args.batch_size < 1 or (args.topk is not None and args.topk < 1):
             raise UserError("--batch-size and --topk must be at least 1")
-        paths = image_paths(args)
+        if args.workers < 0:
+            raise UserError(f"--workers must be at least 0, got {args.workers}")
+        if args.test and (args.images or args.images_from or args.query or args.save_embeddings):
+            raise UserError("--test scores its CSVs: it takes no images, --query or --save-embeddings")
+        paths = [] if args.test else image_paths(args)
         if args.save_embeddings:
             check_embeddings_path(args.save_embeddings)
-        if args.weights and args.labels is None and args.labels_file is None and not args.query:
+        if args.weights and args.labels is None and args.labels_file is None and not args.query and not args.test:
             raise UserError("--weights needs labels or queries: give --labels \"cat,dog\", --labels-file FILE "
                             "or --query TEXT")
         if args.device:
             mc.set_device(args.device)
         params, cfg, tok, default_labels, templates, preprocessing = load_model(args)
+        templates = args.template or templates
+        bad = [t for t in templates if "{}" not in t]
+        if bad:
+            raise UserError(f"template {bad[0]!r} has no {{}} for the label")
+        if args.test:
+            labels = read_labels(args, None) if args.labels or args.labels_file else None
+            for path in args.test:
+                result = test(params, cfg, tok, path, labels, templates, args.workers)
+                if args.json:
+                    print(json.dumps(result))
+                else:
+                    print_test(result)
+            return 0
         if args.query:
             texts = [q.strip() for q in args.query]
             if not all(texts):
@@ -251,10 +411,6 @@ def main(argv=None):
                 tok.tokenize(texts, cfg.context_length, truncate=True))))          # (queries, E)
         else:
             texts = read_labels(args, default_labels)
-            templates = args.template or templates
-            bad = [t for t in templates if "{}" not in t]
-            if bad:
-                raise UserError(f"template {bad[0]!r} has no {{}} for the label")
             text_embeddings = classifier(params, cfg, tok, texts, templates)     # (labels, E)
     except (UserError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ import bpe                                              # noqa: E402
 import data                                             # noqa: E402
 import miniclip as mc                                   # noqa: E402
 import train                                            # noqa: E402
+import zeroshot                                         # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE = 48                                              # 6 x 6 patches of 8: room for three shapes side by side
@@ -109,7 +110,7 @@ def choose(params, cfg, tok, test, templates=("{}",)):
     """Accuracy on a multiple-choice test: each image takes the candidate its embedding is closest to
     (the bag-of-words model: the candidate whose words it finds most probable)."""
     texts = sorted({c for options in test["candidates"] for c in options})
-    prompts = train.prompt_ids(tok, cfg, texts, templates)
+    prompts = zeroshot.prompt_ids(tok, cfg, texts, templates)
     if cfg.objective == "bow":
         pixels = mc.normalize_pixels(data.center_crop(test["images"], IMAGE))
         scores = mc.to_numpy(mc.bow_label_scores(params, cfg, mc.to_device(pixels), prompts, len(templates)))

@@ -668,13 +668,14 @@ class EmojiPackages:
     """The three tarballs, found by the name in each one's package.json (not by the file's name)."""
 
     def __init__(self, paths):
-        self.paths = {}
+        self.paths, self.versions = {}, {}
         for path in paths:
             if not os.path.isfile(path):
                 raise DataError(f"{path}: no such file")
             try:
                 with tarfile.open(path, "r:gz") as tar:
-                    name = json.load(tar.extractfile("package/package.json")).get("name")
+                    about = json.load(tar.extractfile("package/package.json"))
+                    name = about.get("name")
             except (tarfile.TarError, OSError, KeyError, ValueError, AttributeError, EOFError) as e:
                 raise DataError(f"{path}: not an npm package tarball ({e})") from None
             if name not in EMOJI_PACKAGES:
@@ -682,6 +683,7 @@ class EmojiPackages:
             if EMOJI_PACKAGES[name] in self.paths:
                 raise DataError(f"{path}: a second tarball of {name}")
             self.paths[EMOJI_PACKAGES[name]] = path
+            self.versions[EMOJI_PACKAGES[name]] = f"{name}@{about.get('version')}"
         missing = [p for p, v in EMOJI_PACKAGES.items() if v not in self.paths]
         if missing:
             raise DataError(f"no tarball of {', '.join(missing)} given (npm pack {' '.join(missing)} fetches them)")
@@ -837,9 +839,6 @@ def prepare_emoji(tarballs, out, seed=0, size=64, background=(255, 255, 255)):
     """
     if os.path.exists(out):
         raise DataError(f"{out}: already exists; remove it or choose another --out")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise DataError(f"{out}: no folder {parent}")
     packages = EmojiPackages(tarballs)
     table, skipped = emoji_table(packages)
     if not table:
@@ -862,6 +861,7 @@ def prepare_emoji(tarballs, out, seed=0, size=64, background=(255, 255, 255)):
                 rows["val" if split == "val" else "test_concepts"].append((path, f"an emoji of {e['name']}", e["name"]))
     tmp = f"{out}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         for vendor in EMOJI_PACKAGES.values():
             os.makedirs(os.path.join(tmp, "images", vendor))
         for (vendor, code), img in images.items():
@@ -877,7 +877,7 @@ def prepare_emoji(tarballs, out, seed=0, size=64, background=(255, 255, 255)):
         summary = {"seed": seed, "size": size, "background": list(background), "train_vendors": list(TRAIN_VENDORS),
                    "held_out_vendor": HELD_OUT_VENDOR, "caption_forms": list(EMOJI_CAPTIONS),
                    "templates": list(EMOJI_TEMPLATES), "licenses": EMOJI_LICENSES,
-                   "packages": {v: os.path.basename(p) for v, p in packages.paths.items()},
+                   "packages": packages.versions,
                    "counts": {**{f"{k}_rows": len(v) for k, v in rows.items()}, **{f"{s}_names": len(n) for s, n in names.items()},
                               "concepts": {s: len({table[c]["concept"] for c in table if split_of[c] == s}) for s in names}},
                    "skipped": [f"{c}: {why}" for c, why in skipped],

@@ -73,7 +73,7 @@ def make_packages(folder, drop_annotation=None, broken_png=None, name_of=None):
     for package, vendor in data.EMOJI_PACKAGES.items():
         path = folder / f"{package}-1.0.0.tgz"
         with tarfile.open(path, "w:gz") as tar:
-            add(tar, "package.json", json.dumps({"name": (name_of or {}).get(package, package)}).encode())
+            add(tar, "package.json", json.dumps({"name": (name_of or {}).get(package, package), "version": "1.0.0"}).encode())
             if vendor == "openmoji":
                 rows = io.StringIO()
                 w = csv.writer(rows)
@@ -128,7 +128,7 @@ def test_prepared_files_and_images(prepared):
     s = json.loads((out / "splits.json").read_text())
     n = len(all_emoji())
     assert s["counts"]["train_names"] + s["counts"]["val_names"] + s["counts"]["test_names"] == n
-    assert s["skipped"] == []
+    assert s["skipped"] == [] and s["packages"]["openmoji"] == "openmoji@1.0.0"
     train_rows = read_rows(out / "train.csv")
     assert len(train_rows) == 2 * len(data.EMOJI_CAPTIONS) * s["counts"]["train_names"]
     assert {r["filepath"].split("/")[1] for r in train_rows} == set(data.TRAIN_VENDORS)   # never OpenMoji

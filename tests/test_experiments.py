@@ -1,8 +1,10 @@
 """
-experiments/paper.py, small: the full grid takes an hour and --quick about 15 minutes, more than the
-test suite's budget, so this runs the same code on a few steps: every metric is computed, the claims
-are judged, and the figures are drawn. The verdict rule is tested on its own.
+experiments/, small: paper.py's full grid takes an hour and --quick about 15 minutes, and the emoji
+recipe an hour, more than the test suite's budget, so this runs the same code on a few steps: every
+metric is computed, the claims are judged, and the figures are drawn. The verdict rule is tested on
+its own.
 """
+import json
 import os
 import sys
 
@@ -41,3 +43,35 @@ def test_the_grid_end_to_end_on_a_few_steps(tmp_path):
     assert all(c["verdict"].endswith("(1 seed)") for c in claims.values())
     written = paper.figures(results, list(claims.values()), str(tmp_path))
     assert len(written) == 5 and all(open(p, "rb").read(4) == b"\x89PNG" for p in written)
+
+
+def test_the_emoji_recipe_on_fake_packages(tmp_path, monkeypatch):
+    """experiments/emoji_recipe.py end to end on the small tarballs of test_emoji, two steps a run: the
+    scores of every test CSV for each arm and seed, the table, the figure; a rerun trains nothing."""
+    from conftest import reference
+    reference("matplotlib")
+    import data
+    import emoji_recipe
+    from test_emoji import make_packages
+    assert data.main(["emoji", *make_packages(tmp_path), "--out", str(tmp_path / "data"), "--size", "32"]) == 0
+    few = ["--steps", "2", "--batch-size", "8", "--warmup", "1", "--workers", "0"]
+    monkeypatch.setattr(emoji_recipe, "ARMS", {"recipe": ["--preset", "emoji", *few], "tiny": ["--preset", "tiny", *few]})
+    args = ["--data", str(tmp_path / "data"), "--seeds", "0", "1", "--checkpoints", str(tmp_path / "ck"),
+            "--results", str(tmp_path / "results")]
+    emoji_recipe.main(args)
+    results = json.load(open(tmp_path / "results" / "results.json"))
+    assert [(r["arm"], r["seed"]) for r in results] == [("recipe", 0), ("tiny", 0), ("recipe", 1), ("tiny", 1)]
+    for r in results:
+        assert set(r["tests"]) == set(emoji_recipe.TESTS)
+        unseen = r["tests"]["OpenMoji, held-out concepts"]
+        assert unseen["labels"] == len((tmp_path / "data" / "labels_test.txt").read_text().splitlines())
+        assert all(0 <= unseen[k] <= 1 for k in emoji_recipe.METRICS)
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert table.count("| recipe (2 seeds) |") == len(emoji_recipe.TESTS) and "tiny (2 seeds)" in table
+    assert open(tmp_path / "results" / "heldout_grid.png", "rb").read(4) == b"\x89PNG"
+
+    def no_training(*a):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(emoji_recipe, "run", no_training)
+    emoji_recipe.main(args)
+    assert json.load(open(tmp_path / "results" / "results.json")) == results

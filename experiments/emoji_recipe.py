@@ -34,7 +34,7 @@ TEMPLATES = ["an emoji of {}", "{}"]
 # The two models as train.py options: "tiny" is train.py's tiny preset with its defaults, what a user
 # tries first; "recipe" is what the validation concepts chose (README, "Real images").
 ARMS = {
-    "recipe": ["--preset", "emoji", "--steps", "3000"],
+    "recipe": ["--preset", "emoji", "--steps", "6000"],
     "tiny": ["--preset", "tiny"],
 }
 

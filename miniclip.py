@@ -10,7 +10,7 @@ Notation used in every shape comment:
     N   batch size                      T   tokens in a sequence (text: context, image: 1 + G*G)
     Tq  positions whose query is asked: T, or 1 in an encoder's last block (see transformer_forward)
     D   width of a transformer          H   attention heads, Dh = D // H the width of one head
-    F   width of the MLP hidden layer (4 * D in CLIP)
+    F   width of the MLP hidden layer (4 * D in OpenAI's CLIP; 6144 at D = 1408 in LAION's ViT-g/14)
     E   width of the joint embedding    V   vocabulary size
     P   patch size in pixels            G   patches along one side of the image (S // P)
     S   image side in pixels
@@ -404,14 +404,15 @@ def attention_backward(dout, cache):
 # "visual.transformer.resblocks.3." with OpenAI's names below it.
 
 
-def block_shapes(D):
-    """A block's 12 parameters of width D: OpenAI's names and their shapes (F = 4D)."""
+def block_shapes(D, F=None):
+    """A block's 12 parameters of width D and MLP width F (default 4D): OpenAI's names and their shapes."""
+    F = F or 4 * D
     return {"ln_1.weight": (D,), "ln_1.bias": (D,),
             "attn.in_proj_weight": (3 * D, D), "attn.in_proj_bias": (3 * D,),
             "attn.out_proj.weight": (D, D), "attn.out_proj.bias": (D,),
             "ln_2.weight": (D,), "ln_2.bias": (D,),
-            "mlp.c_fc.weight": (4 * D, D), "mlp.c_fc.bias": (4 * D,),
-            "mlp.c_proj.weight": (D, 4 * D), "mlp.c_proj.bias": (D,)}
+            "mlp.c_fc.weight": (F, D), "mlp.c_fc.bias": (F,),
+            "mlp.c_proj.weight": (D, F), "mlp.c_proj.bias": (D,)}
 
 
 BLOCK_KEYS = tuple(block_shapes(1))
@@ -753,6 +754,16 @@ class Config:
     layer_norm_eps: float = 1e-5
     activation: str = "quick_gelu"  # the MLP's: "quick_gelu" (OpenAI) or "gelu" (most LAION models)
     objective: str = "contrastive"  # or "bow": the image predicts its caption's words (an ablation)
+    vision_mlp_width: int = 0      # F of the image tower; 0: 4 x vision_width, as in OpenAI's models
+    text_mlp_width: int = 0        # F of the text tower; 0: 4 x text_width
+
+    @property
+    def vision_mlp(self):
+        return self.vision_mlp_width or 4 * self.vision_width
+
+    @property
+    def text_mlp(self):
+        return self.text_mlp_width or 4 * self.text_width
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -761,6 +772,18 @@ class Config:
             raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
         if min(self.vision_layers, self.text_layers) < 1:       # an encoder reads its last block's output
             raise ValueError(f"a tower needs at least one layer, not {min(self.vision_layers, self.text_layers)}")
+        for name in ("image_size", "patch_size", "vision_width", "vision_heads", "vocab_size", "text_width",
+                     "text_heads", "embed_dim", "vision_mlp_width", "text_mlp_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name.endswith("mlp_width") else 1):
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for tower, D, H in (("vision", self.vision_width, self.vision_heads), ("text", self.text_width, self.text_heads)):
+            if D % H:
+                raise ValueError(f"{tower}_width {D} does not split into {H} heads")
+        if not isinstance(self.context_length, int) or self.context_length < 3:
+            raise ValueError(f"context_length must be at least 3 (start, one token, end), got {self.context_length!r}")
 
     @classmethod
     def from_dict(cls, d):
@@ -780,6 +803,14 @@ PRESETS = {
     "ViT-B/16": Config(patch_size=16),
     "ViT-L/14": Config(patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
                        text_width=768, text_heads=12, embed_dim=768),
+    # LAION's largest, as open_clip's model configs give them (GELU; heads 80, 88 and 104 wide; the MLPs
+    # int(width * mlp_ratio): 1408 * 4.3637 -> 6144 and 1664 * 4.9231 -> 8192).
+    "ViT-H/14": Config(patch_size=14, vision_width=1280, vision_layers=32, vision_heads=16, text_width=1024,
+                       text_layers=24, text_heads=16, embed_dim=1024, activation="gelu"),
+    "ViT-g/14": Config(patch_size=14, vision_width=1408, vision_layers=40, vision_heads=16, vision_mlp_width=6144,
+                       text_width=1024, text_layers=24, text_heads=16, embed_dim=1024, activation="gelu"),
+    "ViT-bigG/14": Config(patch_size=14, vision_width=1664, vision_layers=48, vision_heads=16, vision_mlp_width=8192,
+                          text_width=1280, text_layers=32, text_heads=20, embed_dim=1280, activation="gelu"),
     "tiny": Config(image_size=32, patch_size=8, vision_width=96, vision_layers=3, vision_heads=3,
                    context_length=20, vocab_size=1024, text_width=96, text_layers=2, text_heads=3,
                    embed_dim=64),
@@ -796,20 +827,20 @@ def param_shapes(cfg):
     Dv, Dt, E = cfg.vision_width, cfg.text_width, cfg.embed_dim
     P, G = cfg.patch_size, cfg.image_size // cfg.patch_size
 
-    def blocks(prefix, D, n):
-        return {f"{prefix}resblocks.{i}.{k}": shape for i in range(n) for k, shape in block_shapes(D).items()}
+    def blocks(prefix, D, F, n):
+        return {f"{prefix}resblocks.{i}.{k}": shape for i in range(n) for k, shape in block_shapes(D, F).items()}
 
     return {
         "visual.conv1.weight": (Dv, 3, P, P),
         "visual.class_embedding": (Dv,),
         "visual.positional_embedding": (G * G + 1, Dv),
         "visual.ln_pre.weight": (Dv,), "visual.ln_pre.bias": (Dv,),
-        **blocks("visual.transformer.", Dv, cfg.vision_layers),
+        **blocks("visual.transformer.", Dv, cfg.vision_mlp, cfg.vision_layers),
         "visual.ln_post.weight": (Dv,), "visual.ln_post.bias": (Dv,),
         "visual.proj": (Dv, E),
         "token_embedding.weight": (cfg.vocab_size, Dt),
         "positional_embedding": (cfg.context_length, Dt),
-        **blocks("transformer.", Dt, cfg.text_layers),
+        **blocks("transformer.", Dt, cfg.text_mlp, cfg.text_layers),
         "ln_final.weight": (Dt,), "ln_final.bias": (Dt,),
         "text_projection": (Dt, E),
         "logit_scale": (),
@@ -1217,6 +1248,34 @@ def read_safetensors(path):
     return tensors
 
 
+def read_sharded_safetensors(index):
+    """
+    The tensors of a model saved in shards: transformers' NAME.safetensors.index.json, whose
+    "weight_map" names the shard file (beside it) that holds each tensor. Every shard is read as one
+    file; a missing shard, a tensor in two shards, or a tensor the map places in a shard that does
+    not hold it is a ValueError naming it.
+    """
+    try:
+        weight_map = read_json(index)["weight_map"]
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise TypeError("weight_map is not an object of file names")
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    folder, tensors, source = os.path.dirname(os.path.abspath(index)), {}, {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.join(folder, shard)
+        if os.path.basename(shard) != shard or not os.path.isfile(path):
+            raise ValueError(f"{index}: its shard {shard!r} is not a file in {folder}")
+        for name, value in read_safetensors(path).items():
+            if name in source:
+                raise ValueError(f"{index}: tensor {name!r} is in two shards, {source[name]} and {shard}")
+            tensors[name], source[name] = value, shard
+    for name, shard in weight_map.items():
+        if source.get(name) != shard:
+            raise ValueError(f"{index}: weight_map puts {name!r} in {shard}, which does not hold it")
+    return tensors
+
+
 def hf_to_openai(hf):
     """
     Rename a transformers CLIPModel state dict to OpenAI's names. All the layout changes live here:
@@ -1260,11 +1319,16 @@ def hf_to_openai(hf):
 
 
 def config_from_params(params):
-    """Infer the config from the shapes, by OpenAI's rule that every head is 64 wide."""
+    """
+    Infer the config from the shapes. The MLP widths are read off the first block; the number of
+    heads cannot be, so it follows OpenAI's rule that every head is 64 wide (a file whose heads are
+    not, LAION's ViT-g/14 and ViT-bigG/14 among them, needs its config.json or open_clip_config.json).
+    """
     conv = params["visual.conv1.weight"].shape
     n_pos = params["visual.positional_embedding"].shape[0]
     G = math.isqrt(n_pos - 1)
     count = lambda prefix: len({k for k in params if k.startswith(prefix) and k.endswith("ln_1.weight")})
+    mlp = lambda prefix, D: mlp_width(D, params[prefix + "resblocks.0.mlp.c_fc.weight"].shape[0])
     return Config(image_size=G * conv[2], patch_size=conv[2], vision_width=conv[0],
                   vision_layers=count("visual.transformer.resblocks."), vision_heads=conv[0] // 64,
                   context_length=params["positional_embedding"].shape[0],
@@ -1272,7 +1336,14 @@ def config_from_params(params):
                   text_width=params["ln_final.weight"].shape[0],
                   text_layers=count("transformer.resblocks."),
                   text_heads=params["ln_final.weight"].shape[0] // 64,
-                  embed_dim=params["text_projection"].shape[1])
+                  embed_dim=params["text_projection"].shape[1],
+                  vision_mlp_width=mlp("visual.transformer.", conv[0]),
+                  text_mlp_width=mlp("transformer.", params["ln_final.weight"].shape[0]))
+
+
+def mlp_width(D, F):
+    """Config's MLP width field for a tower of width D whose MLP is F wide: 0 (4D, the default) or F."""
+    return 0 if F is None or F == 4 * D else int(F)
 
 
 def config_from_hf(d, source):
@@ -1290,7 +1361,9 @@ def config_from_hf(d, source):
                       vocab_size=t.get("vocab_size", 49408), text_width=t.get("hidden_size", 512),
                       text_layers=t.get("num_hidden_layers", 12), text_heads=t.get("num_attention_heads", 8),
                       embed_dim=d.get("projection_dim", 512),
-                      layer_norm_eps=v.get("layer_norm_eps", 1e-5), activation=acts.pop())
+                      layer_norm_eps=v.get("layer_norm_eps", 1e-5), activation=acts.pop(),
+                      vision_mlp_width=mlp_width(v.get("hidden_size", 768), v.get("intermediate_size")),
+                      text_mlp_width=mlp_width(t.get("hidden_size", 512), t.get("intermediate_size")))
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{source}: not a CLIP config.json ({e})") from None
 
@@ -1301,11 +1374,11 @@ def config_from_hf(d, source):
 OPEN_CLIP_VISION = {"layers": 12, "width": 768, "head_width": 64, "patch_size": 16, "image_size": 224}
 OPEN_CLIP_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
 OPEN_CLIP_SAME_AS_OPENAI = {
-    "vision_cfg": {"mlp_ratio": 4.0, "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
+    "vision_cfg": {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
                    "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",
                    "timm_model_name": None, "qk_norm": False, "scaled_cosine_attn": False,
                    "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False},
-    "text_cfg": {"mlp_ratio": 4.0, "ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
+    "text_cfg": {"ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
                  "final_ln_after_pool": False, "pool_type": "argmax", "proj_bias": False, "proj_type": "linear",
                  "hf_model_name": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
                  "scale_attn_inner": False, "scale_attn": False, "scale_fc": False},
@@ -1337,7 +1410,9 @@ def config_from_open_clip(d, source):
                       vision_layers=v["layers"], vision_heads=v["width"] // v["head_width"],
                       context_length=t["context_length"], vocab_size=t["vocab_size"], text_width=t["width"],
                       text_layers=t["layers"], text_heads=t["heads"], embed_dim=m["embed_dim"],
-                      layer_norm_eps=eps.pop(), activation="quick_gelu" if m.get("quick_gelu") else "gelu")
+                      layer_norm_eps=eps.pop(), activation="quick_gelu" if m.get("quick_gelu") else "gelu",
+                      vision_mlp_width=mlp_width(v["width"], int(v["width"] * v.get("mlp_ratio", 4.0))),
+                      text_mlp_width=mlp_width(t["width"], int(t["width"] * t.get("mlp_ratio", 4.0))))
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{source}: not an open_clip config ({type(e).__name__}: {e})") from None
     except ValueError as e:
@@ -1363,7 +1438,7 @@ def load_safetensors_model(file):
     ("vision_model.*", read with config.json beside it) or OpenAI's, which open_clip uses ("visual.*",
     read with open_clip_config.json). Without its config file, the shape comes from the tensors' shapes.
     """
-    tensors = read_safetensors(file)
+    tensors = read_sharded_safetensors(file) if file.endswith(".index.json") else read_safetensors(file)
     folder = os.path.dirname(os.path.abspath(file))
     if any(k.startswith(("visual.", "text.")) for k in tensors):             # OpenAI's and open_clip's names
         # open_clip's CustomTextCLIP keeps the text tower under "text."; its tensors are OpenAI's below it.
@@ -1390,13 +1465,18 @@ def load_safetensors_model(file):
 
 
 def weights_file(path):
-    """The safetensors file of a model folder in either layout (Hugging Face's first), or path itself."""
+    """
+    The weights of a model folder in either layout (Hugging Face's first): its safetensors file, or
+    the index of its shards (model.safetensors.index.json, as transformers writes a large model), or
+    path itself.
+    """
     if not os.path.isdir(path):
         return path
     for name, _ in (HF_FILES, OPEN_CLIP_FILES):
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    raise ValueError(f"{path}: neither {HF_FILES[0]} nor {OPEN_CLIP_FILES[0]} there "
+        for candidate in (name, name + ".index.json"):
+            if os.path.isfile(os.path.join(path, candidate)):
+                return os.path.join(path, candidate)
+    raise ValueError(f"{path}: neither {HF_FILES[0]} nor {OPEN_CLIP_FILES[0]} there, nor a shard index "
                      "(pytorch_model.bin and open_clip_pytorch_model.bin are not read: they are pickles)")
 
 
@@ -1414,7 +1494,7 @@ def load_weights(path, dtype=numpy.float32):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file or directory")
-    if os.path.isdir(path) or path.endswith(".safetensors"):
+    if os.path.isdir(path) or path.endswith((".safetensors", ".safetensors.index.json")):
         params, cfg = load_safetensors_model(weights_file(path))
     else:
         params, cfg, _, _ = load_checkpoint(path)

@@ -371,6 +371,12 @@ def check_args(args):
     data.csv_separator(args.csv_separator)
     if args.objective != "contrastive" and args.init:
         raise UserError(f"--objective {args.objective} trains from scratch: it cannot start from --init's weights")
+    shaped = [f"--{k.replace('_', '-')}" for k in ("model_config", *SHAPE_FIELDS) if getattr(args, k) is not None]
+    if shaped and (args.init or args.resume or args.tiny):
+        raise UserError(f"{shaped[0]} sets a new model's shape; {'--init' if args.init else '--resume' if args.resume else '--tiny'}"
+                        " fixes it")
+    if not (args.init or args.resume):
+        model_config(args)                              # a bad shape is refused before any file is read
     if args.tiny and (args.data or args.init or args.preset != "tiny"):
         given = "--data" if args.data else "--init" if args.init else f"--preset {args.preset}"
         raise UserError(f"--tiny is the tiny model on generated shapes; {given} asks for another run: give one of them")
@@ -427,14 +433,39 @@ def read_lines(path, what):
     return lines
 
 
+# The config fields a run can set on top of --preset, as flags (--vision-width 128) or in --model-config's JSON.
+SHAPE_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp_width",
+                "context_length", "text_width", "text_layers", "text_heads", "text_mlp_width", "embed_dim",
+                "activation")
+
+
+def model_config(args):
+    """--preset's shape, changed by --model-config's fields and then by the shape flags; a bad one is a UserError."""
+    changes = {}
+    if args.model_config:
+        try:
+            changes = mc.read_json(args.model_config)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model-config {args.model_config}: {getattr(e, 'strerror', None) or e}") from None
+        unknown = set(changes) - set(SHAPE_FIELDS) if isinstance(changes, dict) else None
+        if unknown is None or unknown:
+            raise UserError(f"--model-config {args.model_config}: a JSON object of the fields {', '.join(SHAPE_FIELDS)}"
+                            + (f"; not {', '.join(sorted(unknown))}" if unknown else ""))
+    changes |= {k: getattr(args, k) for k in SHAPE_FIELDS if getattr(args, k) is not None}
+    try:
+        return dataclasses.replace(mc.PRESETS[args.preset], objective=args.objective, **changes)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model shape: {e}") from None
+
+
 def load_model(args):
-    """(params or None, cfg, tokenizer or None): --init's weights and tokenizer, or --preset's shape."""
+    """(params or None, cfg, tokenizer or None): --init's weights and tokenizer, or the shape model_config gives."""
     tok = bpe.load(args.tokenizer) if args.tokenizer else None
     if not args.init:
-        return None, dataclasses.replace(mc.PRESETS[args.preset], objective=args.objective), tok
+        return None, model_config(args), tok
     params, cfg = mc.load_weights(args.init)
     if tok is None:
-        if os.path.isdir(args.init) or args.init.endswith(".safetensors"):
+        if os.path.isdir(args.init) or ".safetensors" in args.init:
             tok = bpe.load(mc.model_folder(args.init))
         else:
             tok = bpe.from_list(mc.load_checkpoint(args.init)[2]["tokenizer"])
@@ -751,6 +782,13 @@ def parse_args(argv=None):
     m.add_argument("--labels-file", help="labels kept in the checkpoint for zeroshot.py, one per line (default: the "
                    "validation pairs' labels)")
     m.add_argument("--vocab-size", type=int, help="vocabulary size when training the tokenizer")
+    s = p.add_argument_group("model shape, on top of --preset (a new model only)")
+    s.add_argument("--model-config", metavar="FILE.json", help="a JSON object of any of the fields below, "
+                   'e.g. {"image_size": 48, "vision_layers": 4}; the flags below change it further')
+    for name in SHAPE_FIELDS:
+        kind = dict(choices=sorted(mc.ACTIVATIONS)) if name == "activation" else dict(type=int)
+        s.add_argument("--" + name.replace("_", "-"), **kind,
+                       help=f"default: the preset's{' (0: 4 x the width)' if name.endswith('mlp_width') else ''}")
     o = p.add_argument_group("optimization")
     for f in dataclasses.fields(TrainConfig):
         if f.type is bool:                              # --random-crop / --no-random-crop

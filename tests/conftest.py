@@ -81,7 +81,7 @@ def open_clip_file(name):
 
 
 def clip_folders(folder, act="quick_gelu", width=64, layers=2, heads=2, image=64, patch=16, proj=32,
-                 logit_scale=None, seed=0):
+                 logit_scale=None, seed=0, mlp=None):
     """
     A random-weight CLIP written twice, as published checkpoints are: folder/"hf", transformers'
     save_pretrained with CLIP's vocabulary and image processor, and folder/"open_clip", the same tensors
@@ -96,7 +96,8 @@ def clip_folders(folder, act="quick_gelu", width=64, layers=2, heads=2, image=64
     torch, transformers = reference("torch"), reference("transformers")
     safetensors_numpy = reference("safetensors.numpy")
     torch.manual_seed(seed)
-    tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+    mlp = mlp or 4 * width                              # the MLP's width, in both towers
+    tower = dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
                  num_attention_heads=heads, hidden_act=act)
     config = transformers.CLIPConfig(text_config=tower, vision_config=dict(tower, image_size=image, patch_size=patch),
                                      projection_dim=proj, attn_implementation="eager",
@@ -114,12 +115,32 @@ def clip_folders(folder, act="quick_gelu", width=64, layers=2, heads=2, image=64
                                 str(oc / "open_clip_model.safetensors"))
     model_cfg = {"embed_dim": proj, "quick_gelu": act == "quick_gelu",
                  "vision_cfg": {"image_size": image, "layers": layers, "width": width,
-                                "head_width": width // heads, "patch_size": patch},
+                                "head_width": width // heads, "patch_size": patch, "mlp_ratio": mlp / width},
                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": heads,
-                              "layers": layers}}
+                              "layers": layers, "mlp_ratio": mlp / width}}
     preprocess_cfg = {"mean": list(mc.CLIP_MEAN), "std": list(mc.CLIP_STD), "interpolation": "bicubic",
                       "resize_mode": "shortest"}
     (oc / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}))
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(hf / name, oc / name)
     return model, hf, oc
+
+
+def zeroshot_probabilities(checkpoint, image, labels):
+    """
+    What zeroshot.py must print for one image against labels, worked out here from the checkpoint:
+    the image preprocessed and encoded, each label's prompts (the checkpoint's templates) encoded and
+    averaged, and the softmax of the scaled cosines. {label: probability}.
+    """
+    import bpe
+    import miniclip as mc
+    import zeroshot
+    params, cfg, meta, _ = mc.load_checkpoint(checkpoint)
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    tok, templates = bpe.from_list(meta["tokenizer"]), meta.get("templates") or [zeroshot.DEFAULT_TEMPLATE]
+    pixels = mc.preprocess(mc.open_image(str(image)), cfg.image_size)[None]
+    img = mc.l2_normalize(mc.encode_image(params, cfg, pixels))                              # (1, E)
+    classes = mc.class_embeddings(params, cfg, zeroshot.prompt_ids(tok, cfg, labels, templates), len(templates))
+    logits = mc.logit_scale_value(params) * (img @ classes.T)[0].astype(np.float64)
+    p = np.exp(logits - logits.max())
+    return dict(zip(labels, p / p.sum()))

@@ -127,9 +127,10 @@ def test_causal_attention_ignores_the_future():
 
 @pytest.mark.parametrize("act", sorted(mc.ACTIVATIONS))
 @pytest.mark.parametrize("at", [None, np.array([1, 3])])
-def test_block(act, at):
+@pytest.mark.parametrize("F", [None, 20])                  # the MLP 4D wide, or 2.5D
+def test_block(act, at, F):
     N, T, D, H = 2, 4, 8, 2
-    keys, shapes = mc.BLOCK_KEYS, mc.block_shapes(D)
+    keys, shapes = mc.BLOCK_KEYS, mc.block_shapes(D, F)
     inputs = [randn(N, T, D)] + [randn(*shapes[k], seed=i) * 0.5 for i, k in enumerate(keys)]
     fwd = lambda x, *p: mc.block_forward(x, dict(zip(keys, p)), H, True, 1e-5, act, at)
 

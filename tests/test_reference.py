@@ -18,18 +18,22 @@ CONFIGS = {
     "heads8-16": dict(text=(48, 6), vision=(64, 4), patch=8, image=24, layers=2, vocab=300, context=12),
     "heads6-10": dict(text=(36, 6), vision=(40, 4), patch=7, image=28, layers=3, vocab=120, context=9),
     "gelu": dict(text=(48, 6), vision=(64, 4), patch=8, image=24, layers=2, vocab=300, context=12, act="gelu"),
+    # MLPs other than 4x (transformers' intermediate_size), as LAION's ViT-g/14 and ViT-bigG/14 have.
+    "mlp160-136": dict(text=(48, 4), vision=(40, 5), patch=8, image=24, layers=2, vocab=300, context=12,
+                       mlp=(160, 136), act="gelu"),
 }
 
 
 def hf_model(tmp_path, spec, seed=0):
     torch.manual_seed(seed)
     (tw, th), (vw, vh) = spec["text"], spec["vision"]
+    tf, vf = spec.get("mlp", (4 * tw, 4 * vw))
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=spec["vocab"], hidden_size=tw, intermediate_size=4 * tw,
+        text_config=dict(vocab_size=spec["vocab"], hidden_size=tw, intermediate_size=tf,
                          num_hidden_layers=spec["layers"], num_attention_heads=th,
                          max_position_embeddings=spec["context"], eos_token_id=spec["vocab"] - 1,
                          bos_token_id=spec["vocab"] - 2, hidden_act=spec.get("act", "quick_gelu")),
-        vision_config=dict(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=spec["layers"],
+        vision_config=dict(hidden_size=vw, intermediate_size=vf, num_hidden_layers=spec["layers"],
                            num_attention_heads=vh, image_size=spec["image"], patch_size=spec["patch"],
                            hidden_act=spec.get("act", "quick_gelu")),
         projection_dim=16, attn_implementation="eager")
@@ -65,6 +69,7 @@ def test_features_loss_and_gradients_match_transformers(tmp_path, name):
     model = hf_model(tmp_path, spec)
     params, cfg = mc.load_weights(tmp_path)
     assert (cfg.text_heads, cfg.vision_heads) == (spec["text"][1], spec["vision"][1])
+    assert (cfg.text_mlp, cfg.vision_mlp) == spec.get("mlp", (4 * spec["text"][0], 4 * spec["vision"][0]))
     assert cfg.activation == spec.get("act", "quick_gelu")
     pixels, ids = inputs(spec)
 

@@ -16,6 +16,7 @@ import data
 import miniclip as mc
 import train
 import zeroshot
+from conftest import zeroshot_probabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n-train", "256", "--n-eval", "48", "--batch-size", "32", "--log-every", "2", "--eval-every", "4"]
@@ -93,10 +94,12 @@ def test_csv_training(tmp_path, capsys):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), str(tmp_path / "img" / "0.png"),
                         "--checkpoint", str(out)], capture_output=True, text=True)
     assert p.returncode == 1 and p.stderr == 'error: the checkpoint stores no labels: give --labels "cat,dog" or --labels-file FILE\n'
+    labels = ["picture number 1", "picture number 2", "a cat"]
     p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), str(tmp_path / "img" / "0.png"),
-                        "--checkpoint", str(out), "--labels", "picture number 1,picture number 2"],
-                       capture_output=True, text=True)
-    assert p.returncode == 0 and "picture number" in p.stdout
+                        "--checkpoint", str(out), "--labels", ",".join(labels), "--json"], capture_output=True, text=True)
+    got = {x["label"]: x["prob"] for x in json.loads(p.stdout)["predictions"]}
+    want = zeroshot_probabilities(out, tmp_path / "img" / "0.png", labels)
+    assert p.returncode == 0 and max(abs(got[k] - want[k]) for k in labels) < 1e-6
 
 
 def test_csv_errors(tmp_path, capsys):
@@ -455,3 +458,31 @@ def test_curves_figure_beside_the_checkpoint_or_a_line_saying_why_not(tmp_path, 
     assert train.main(["--tiny", "--steps", "2", *SMALL, "--out", str(tmp_path / "b.npz")]) == 0
     assert "no curves figure: matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "b.png").exists()
+
+
+def test_any_model_shape_from_flags_and_a_json_file(tmp_path, capsys):
+    """Each shape field on top of a preset, from --model-config's JSON and then the flags (which win);
+    a shape the model cannot run is one line before anything is read or written."""
+    (tmp_path / "shape.json").write_text(json.dumps({"image_size": 48, "vision_layers": 1, "vision_width": 64}))
+    out = tmp_path / "s.npz"
+    csv_path = write_csv_folder(tmp_path, [(f"img/{i}.png", f"picture {i}") for i in range(8)])
+    assert train.main(["--data", csv_path, "--steps", "1", "--batch-size", "4", "--workers", "0", "--val-frac", "0",
+                       "--model-config", str(tmp_path / "shape.json"), "--vision-width", "48", "--vision-heads", "4",
+                       "--text-mlp-width", "200", "--activation", "gelu", "--out", str(out)]) == 0
+    cfg = mc.load_checkpoint(out)[1]
+    assert (cfg.image_size, cfg.vision_layers, cfg.vision_width, cfg.vision_heads, cfg.text_mlp, cfg.vision_mlp,
+            cfg.activation) == (48, 1, 48, 4, 200, 192, "gelu")
+    for flags, message in [(["--vision-width", "100"], "vision_width 100 does not split into 3 heads"),
+                           (["--image-size", "30"], "image_size 30 is not a multiple of patch_size 8"),
+                           (["--context-length", "2"], "context_length must be at least 3"),
+                           (["--text-heads", "0"], "text_heads must be a whole number of at least 1"),
+                           (["--init", str(out), "--embed-dim", "32"], "--embed-dim sets a new model's shape; --init"),
+                           (["--model-config", str(csv_path)], "not valid JSON")]:
+        capsys.readouterr()
+        assert train.main(["--data", csv_path, *flags, "--out", str(tmp_path / "never.npz")]) == 1, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "never.npz").exists()
+    (tmp_path / "bad.json").write_text(json.dumps({"image_size": 48, "depth": 3}))
+    assert train.main(["--data", csv_path, "--model-config", str(tmp_path / "bad.json")]) == 1
+    assert "not depth" in capsys.readouterr().err

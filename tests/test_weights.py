@@ -99,11 +99,14 @@ def test_missing_weights_path(tmp_path):
 
 
 def test_config_inferred_from_shapes_matches_presets():
+    """Every preset whose heads are 64 wide (the rule a bare file is read by) comes back from its shapes."""
     for name in ("ViT-B/32", "ViT-B/16", "ViT-L/14"):
         cfg = mc.PRESETS[name]
         shapes = mc.param_shapes(cfg)
         fake = {k: np.empty(s, dtype=np.float32) if s else np.empty((), np.float32) for k, s in shapes.items()}
         assert mc.config_from_params(fake) == cfg, name
+    g = mc.config_from_params({k: np.empty(s, np.float32) for k, s in mc.param_shapes(mc.PRESETS["ViT-g/14"]).items()})
+    assert (g.vision_mlp, g.vision_mlp_width, g.text_mlp_width) == (6144, 6144, 0)         # read off c_fc
 
 
 @pytest.mark.parametrize("field, value, message", [("activation", "relu", "is not one of"),
@@ -130,6 +133,17 @@ def test_open_clip_config():
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}}
     cfg = mc.config_from_open_clip(h14, "x")
     assert (cfg.vision_heads, cfg.text_heads, cfg.patch_size, cfg.activation) == (16, 16, 14, "gelu")
+    assert cfg == mc.PRESETS["ViT-H/14"]
+    # ViT-g-14 and ViT-bigG-14, as open_clip's model configs give them: MLPs of int(width * mlp_ratio).
+    g14 = {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 40, "width": 1408, "head_width": 88,
+                                             "mlp_ratio": 4.3637, "patch_size": 14},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}}
+    big = {"embed_dim": 1280, "vision_cfg": {"image_size": 224, "layers": 48, "width": 1664, "head_width": 104,
+                                             "mlp_ratio": 4.9231, "patch_size": 14},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1280, "heads": 20, "layers": 32}}
+    assert mc.config_from_open_clip(g14, "x") == mc.PRESETS["ViT-g/14"]
+    assert mc.config_from_open_clip(big, "x") == mc.PRESETS["ViT-bigG/14"]
+    assert (mc.PRESETS["ViT-bigG/14"].vision_mlp, mc.PRESETS["ViT-bigG/14"].text_mlp) == (8192, 5120)
     assert mc.config_from_open_clip({"embed_dim": 512, "vision_cfg": {}, "text_cfg": {}}, "x").patch_size == 16
 
 
@@ -159,3 +173,51 @@ def test_open_clip_folder_loads_the_same_tensors(tmp_path):
     assert all(np.array_equal(p1[k], p2[k]) for k in p1)
     p3, _ = mc.load_weights(oc / "open_clip_model.safetensors")
     assert all(np.array_equal(p1[k], p3[k]) for k in p1)
+
+
+def shard(folder, name, tensors, groups):
+    """Write tensors as shards name-0000i-of-0000n.safetensors, as the groups of names say, and the index."""
+    from conftest import reference
+    save_file = reference("safetensors.numpy").save_file
+    stem = name.removesuffix(".safetensors")
+    weight_map = {}
+    for i, group in enumerate(groups, start=1):
+        file = f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: np.ascontiguousarray(tensors[k]) for k in group}, str(folder / file))
+        weight_map.update(dict.fromkeys(group, file))
+    (folder / f"{name}.index.json").write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (folder / name).unlink()
+    return weight_map
+
+
+@pytest.mark.parametrize("layout, name", [("hf", "model.safetensors"), ("open_clip", "open_clip_model.safetensors")])
+def test_sharded_weights_load_as_the_single_file_does(tmp_path, layout, name):
+    """transformers' sharded layout (an index.json naming each tensor's shard), in both folder layouts:
+    the same tensors as the one file; a missing shard, a tensor in two shards and a weight_map entry
+    that no shard holds are refused, each by name."""
+    from conftest import clip_folders, reference
+    load_file = reference("safetensors.numpy").load_file
+    _, hf, oc = clip_folders(tmp_path, "gelu", width=32, layers=1, image=32, patch=8, proj=16, mlp=88)
+    folder = {"hf": hf, "open_clip": oc}[layout]
+    want, cfg = mc.load_weights(folder)
+    assert cfg.vision_mlp == cfg.text_mlp == 88
+    tensors = load_file(str(folder / name))
+    names = sorted(tensors)
+    weight_map = shard(folder, name, tensors, [names[::2], names[1::2]])
+    got, cfg2 = mc.load_weights(folder)
+    assert cfg2 == cfg and set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    index = folder / f"{name}.index.json"
+    first, second = sorted(set(weight_map.values()))
+
+    def refused(edit, message):
+        m = json.loads(index.read_text())
+        edit(m)
+        index.write_text(json.dumps(m))
+        with pytest.raises(ValueError, match=message):
+            mc.load_weights(folder)
+        index.write_text(json.dumps({"weight_map": weight_map}))
+    refused(lambda m: m["weight_map"].update({names[0]: "gone.safetensors"}), "shard 'gone.safetensors' is not a file")
+    refused(lambda m: m["weight_map"].update({names[0]: second}), f"puts '{names[0]}' in {second}, which does not hold it")
+    refused(lambda m: m["weight_map"].update({"x": first}), f"puts 'x' in {first}, which does not hold it")
+    reference("safetensors.numpy").save_file({names[0]: np.ascontiguousarray(tensors[names[0]])}, str(folder / "extra.safetensors"))
+    refused(lambda m: m["weight_map"].update({"y": "extra.safetensors"}), f"tensor '{names[0]}' is in two shards")

@@ -15,6 +15,7 @@ import bpe
 import data
 import miniclip as mc
 import train
+from conftest import zeroshot_probabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,18 +265,20 @@ def test_retrieval_matches_transformers(tmp_path):
         assert np.abs(np.array([got[q][str(i)] for i in images]) - want[q]).max() < 1e-4
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("act, mlp", [("quick_gelu", None), ("gelu", None), ("gelu", 176)])
 @pytest.mark.parametrize("layout", ["hf", "open_clip"])
-def test_weights_folder_matches_transformers(tmp_path, layout, act):
+def test_weights_folder_matches_transformers(tmp_path, layout, act, mlp):
     """
     A random-weight CLIP with CLIP's real vocabulary (49,408 tokens) and context 77, written in Hugging
     Face's layout and in open_clip's: zeroshot.py --weights gives the probabilities of transformers'
-    CLIPModel and its processors, for OpenAI's QuickGELU and for the exact GELU of LAION's models.
+    CLIPModel and its processors, for OpenAI's QuickGELU, for the exact GELU of LAION's models, and for
+    an MLP of 2.75x the width (ViT-g/14's and ViT-bigG/14's are not 4x), read from intermediate_size
+    and from open_clip's mlp_ratio.
     """
     from conftest import clip_folders, reference
     torch = reference("torch")
     transformers = reference("transformers")
-    model, hf, oc = clip_folders(tmp_path, act)
+    model, hf, oc = clip_folders(tmp_path, act, mlp=mlp)
     folder = {"hf": hf, "open_clip": oc}[layout]
     assert (model.config.text_config.vocab_size, model.config.text_config.max_position_embeddings) == (49408, 77)
 
@@ -320,5 +323,7 @@ def test_fine_tune_a_published_folder_at_scale_100_on_captions_with_a_bang(tmp_p
     records = [json.loads(line) for line in open(tmp_path / "ft.metrics.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6 and all(np.isfinite(losses)) and 99 < records[0]["logit_scale"] <= 100
-    p = run(tmp_path / "img" / "0.png", "--checkpoint", out, "--labels", "picture 0!,picture 1!")
-    assert p.returncode == 0 and "picture 0!" in p.stdout, p.stderr
+    p = run(tmp_path / "img" / "0.png", "--checkpoint", out, "--labels", "picture 0!,picture 1!", "--json")
+    got = {x["label"]: x["prob"] for x in json.loads(p.stdout)["predictions"]}
+    want = zeroshot_probabilities(out, tmp_path / "img" / "0.png", ["picture 0!", "picture 1!"])
+    assert p.returncode == 0 and max(abs(got[k] - want[k]) for k in want) < 1e-6, p.stderr

@@ -86,11 +86,13 @@ def table(results):
     return "\n".join(lines)
 
 
-def grid(ck, data_dir, path, n=8, seed=0):
+def grid(ck, data_dir, path, right=3, wrong=5, seed=0):
     """
-    The README's picture: n held-out emoji in Noto's art (a training vendor) and the same n in
-    OpenMoji's (never trained on), each with zeroshot.py's top three among the held-out names, green
-    where right. The emoji are a seeded sample of the held-out ones, not picked by result.
+    The README's picture: held-out emoji in Noto's art (a training style) above the same emoji in
+    OpenMoji's (never trained on), each with zeroshot.py's top three among the 549 held-out names,
+    green where right. zeroshot.py classifies every held-out emoji first; then `right` of them are
+    drawn at random from those it named right in Noto's art and `wrong` from the others, so the
+    picture shows both kinds, and says how many of each there are.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -98,29 +100,35 @@ def grid(ck, data_dir, path, n=8, seed=0):
     from PIL import Image
     with open(os.path.join(data_dir, "test_vendor_unseen.csv"), newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    n = min(n, len(rows))
-    chosen = [rows[i] for i in sorted(np.random.default_rng(seed).choice(len(rows), n, replace=False))]
     images = [os.path.join(data_dir, r["filepath"].replace("/openmoji/", f"/{vendor}/"))
-              for vendor in ("google", "openmoji") for r in chosen]
+              for vendor in ("google", "openmoji") for r in rows]
     out = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), "--checkpoint", ck, "--json", "--topk", "3",
                           "--labels-file", os.path.join(data_dir, "labels_test.txt"), *images],
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    predictions = [json.loads(line)["predictions"] for line in out.splitlines()]
-    fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 5.6), squeeze=False)
-    for ax, image, truth, guesses in zip(axes.flat, images, [r["label"] for r in chosen] * 2, predictions):
-        ax.imshow(Image.open(image))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(textwrap.fill(truth, 24), fontsize=7.5)
-        for k, g in enumerate(guesses):
-            ax.text(0.5, -0.08 - 0.13 * k, textwrap.shorten(f"{g['label']} {g['prob']:.0%}", 30), fontsize=7,
-                    ha="center", va="top", transform=ax.transAxes, color="green" if g["label"] == truth else "firebrick")
-    axes[0, 0].set_ylabel("Noto (trained style)", fontsize=9)
+    guesses = [json.loads(line)["predictions"] for line in out.splitlines()]            # Noto's, then OpenMoji's
+    hit = [g[0]["label"] == r["label"] for g, r in zip(guesses, rows)]
+    rng = np.random.default_rng(seed)
+    pick = lambda pool, k: list(rng.choice(pool, min(k, len(pool)), replace=False))
+    chosen = sorted(pick([i for i, h in enumerate(hit) if h], right) + pick([i for i, h in enumerate(hit) if not h], wrong))
+    fig, axes = plt.subplots(2, len(chosen), figsize=(2.1 * len(chosen), 6.2), squeeze=False)
+    for col, i in enumerate(chosen):
+        for row, k in enumerate((i, len(rows) + i)):
+            ax = axes[row, col]
+            ax.imshow(Image.open(images[k]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(textwrap.fill(rows[i]["label"], 24), fontsize=7.5)
+            for n, g in enumerate(guesses[k]):
+                ax.text(0.5, -0.06 - 0.12 * n, textwrap.shorten(f"{g['prob']:.0%} {g['label']}", 32, placeholder="..."),
+                        fontsize=6.5, ha="center", va="top", transform=ax.transAxes,
+                        color="green" if g["label"] == rows[i]["label"] else "firebrick")
+    axes[0, 0].set_ylabel("Noto (a trained style)", fontsize=9)
     axes[1, 0].set_ylabel("OpenMoji (never seen)", fontsize=9)
-    fig.suptitle("Held-out emoji, concepts never trained on: the name above, the model's top 3 of "
-                 f"{sum(1 for _ in open(os.path.join(data_dir, 'labels_test.txt'), encoding='utf-8'))} held-out names below",
-                 fontsize=10)
-    fig.subplots_adjust(left=0.03, right=0.99, top=0.86, bottom=0.08, hspace=0.75, wspace=0.15)
+    fig.suptitle(f"Emoji of held-out concepts, top 3 of {len(rows)} held-out names. Noto: {sum(hit)} of {len(rows)} "
+                 f"right; shown, {min(right, sum(hit))} drawn from those and {min(wrong, len(rows) - sum(hit))} "
+                 f"from the rest. OpenMoji: {sum(g[0]['label'] == r['label'] for g, r in zip(guesses[len(rows):], rows))} right",
+                 fontsize=9)
+    fig.subplots_adjust(left=0.03, right=0.99, top=0.86, bottom=0.11, hspace=0.85, wspace=0.15)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -52,6 +52,17 @@ class DataError(UserError, ValueError):
     """Bad data or a bad data option: reported as one line naming the file."""
 
 
+def read_lines(path, what):
+    """The non-empty lines of a UTF-8 text file, stripped (a label list, say); what names them in errors."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: cannot read {what} (not UTF-8 text: {e.reason} at byte {e.start})") from None
+
+
 class Strings:
     """
     A read-only list of strings kept as one string and where each of them starts and ends. A million

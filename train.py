@@ -416,21 +416,11 @@ def build_data(args, cfg, tc):
     where = f"from {pairs.source}" + (f" and {val.source}" if args.val else "")
     of = f", of {len(val.label_names)} labels" if val is not None and val.label_names else ""
     print(f"data: {len(train_set)} training pairs, {len(val) if val else 0} validation pairs {where}{of}")
-    labels = read_lines(args.labels_file, "labels") if args.labels_file else (
+    labels = data.read_lines(args.labels_file, "labels") if args.labels_file else (
         val.label_names if val is not None and val.label_names else [])
+    if args.labels_file and not labels:
+        raise UserError(f"{args.labels_file}: no labels in the file")
     return train_set, val, labels, templates, [], pairs.fingerprint()
-
-
-def read_lines(path, what):
-    """The non-empty lines of a UTF-8 text file, stripped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the {what} ({e})") from None
-    if not lines:
-        raise UserError(f"{path}: no {what} in the file")
-    return lines
 
 
 # The config fields a run can set on top of --preset, as flags (--vision-width 128) or in --model-config's JSON.

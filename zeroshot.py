@@ -85,11 +85,7 @@ def read_preprocessor(folder, cfg):
 
 def read_labels(args, default):
     if args.labels_file:
-        try:
-            with open(args.labels_file, encoding="utf-8") as f:
-                labels = [line.strip() for line in f]
-        except OSError as e:
-            raise UserError(f"{args.labels_file}: cannot read labels ({e.strerror})") from None
+        labels = data.read_lines(args.labels_file, "labels")
     elif args.labels is not None:
         labels = [label.strip() for label in args.labels.split(",")]
     elif default is None:
@@ -225,7 +221,6 @@ def trim(ids):
     be wrong, because id 0 is a real token ("!" in CLIP's byte order).
     """
     return ids[:, :int(ids.argmax(axis=1).max()) + 1]
-
 
 
 def embed_pairs(params, cfg, pairs, loader):

@@ -175,6 +175,12 @@ def test_whole_call_errors(tiny, sample, tmp_path):
     p = run(sample, "--checkpoint", ck, "--template", "no placeholder")
     assert p.returncode == 1 and "has no {}" in p.stderr
 
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    for name, message in (("latin1.txt", "latin1.txt: cannot read labels (not UTF-8 text"),
+                          ("absent.txt", "absent.txt: cannot read labels (No such file or directory)")):
+        p = run(sample, "--checkpoint", ck, "--labels-file", tmp_path / name)
+        assert p.returncode == 1 and message in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
 
 def test_images_from_a_folder_or_a_list_answer_as_arguments_do(tiny, tmp_path):
     """A folder is searched recursively, in sorted order, for image files only; a list file gives one path a line."""

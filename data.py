@@ -649,7 +649,7 @@ ZWJ, FEMALE, MALE = "200D", "2640", "2642"
 # the name alone, in a sentence, and with CLDR's tags, the words that the names of unseen emoji share
 # with seen ones ("grinning face" is tagged "happy, smile, teeth").
 EMOJI_CAPTIONS = ("{name}", "an emoji of {name}", "{name}: {tags}", "a {tags} emoji of {name}")
-EMOJI_TEMPLATES = ("{}", "an emoji of {}")
+EMOJI_TEMPLATES = ("an emoji of {}", "{}")      # the recipe's prompts (experiments/emoji_recipe.py)
 EMOJI_MARGIN = 1 / 16           # of the side, around each drawing scaled to fill the square
 
 
@@ -880,19 +880,18 @@ def prepare_emoji(tarballs, out, seed=0, size=64, background=(255, 255, 255)):
         for name, r in rows.items():
             write_csv_rows(os.path.join(tmp, f"{name}.csv"), ("filepath", "title", "label"), r)
         names = {s: [e["name"] for c, e in table.items() if split_of[c] == s] for s in ("train", "val", "test")}
-        for s, n in names.items():
-            with open(os.path.join(tmp, f"labels_{s}.txt"), "w", encoding="utf-8") as f:
-                f.write("".join(x + "\n" for x in n))
-        with open(os.path.join(tmp, "labels.txt"), "w", encoding="utf-8") as f:
-            f.write("".join(e["name"] + "\n" for e in table.values()))
+        concepts = {s: sorted({table[c]["concept"] for c in table if split_of[c] == s}) for s in names}
+        for file, lines in [*((f"labels_{s}.txt", n) for s, n in names.items()),
+                            ("labels.txt", [e["name"] for e in table.values()])]:
+            with open(os.path.join(tmp, file), "w", encoding="utf-8") as f:
+                f.write("".join(x + "\n" for x in lines))
         summary = {"seed": seed, "size": size, "background": list(background), "train_vendors": list(TRAIN_VENDORS),
                    "held_out_vendor": HELD_OUT_VENDOR, "caption_forms": list(EMOJI_CAPTIONS),
                    "templates": list(EMOJI_TEMPLATES), "licenses": EMOJI_LICENSES,
                    "packages": packages.versions,
                    "counts": {**{f"{k}_rows": len(v) for k, v in rows.items()}, **{f"{s}_names": len(n) for s, n in names.items()},
-                              "concepts": {s: len({table[c]["concept"] for c in table if split_of[c] == s}) for s in names}},
-                   "skipped": [f"{c}: {why}" for c, why in skipped],
-                   "concepts": {s: sorted({table[c]["concept"] for c in table if split_of[c] == s}) for s in names}}
+                              "concepts": {s: len(c) for s, c in concepts.items()}},
+                   "skipped": [f"{c}: {why}" for c, why in skipped], "concepts": concepts}
         with open(os.path.join(tmp, "splits.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1, ensure_ascii=False)
         os.replace(tmp, out)

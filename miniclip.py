@@ -775,8 +775,9 @@ class Config:
         for name in ("image_size", "patch_size", "vision_width", "vision_heads", "vocab_size", "text_width",
                      "text_heads", "embed_dim", "vision_mlp_width", "text_mlp_width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name.endswith("mlp_width") else 1):
-                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+            low = 0 if name.endswith("mlp_width") else 1           # an MLP width of 0 means 4 x the width
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for tower, D, H in (("vision", self.vision_width, self.vision_heads), ("text", self.text_width, self.text_heads)):

@@ -27,10 +27,12 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data                                             # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = {"validation concepts": "val.csv", "held-out concepts": "test_concepts.csv",
          "OpenMoji, seen concepts": "test_vendor_seen.csv", "OpenMoji, held-out concepts": "test_vendor_unseen.csv"}
-TEMPLATES = ["an emoji of {}", "{}"]
 # The two models as train.py options: "tiny" is train.py's tiny preset with its defaults, what a user
 # tries first; "recipe" is what the validation concepts chose (README, "Real images").
 ARMS = {
@@ -44,7 +46,7 @@ def train_command(arm, seed, data_dir, ck):
     if os.path.exists(ck):
         return ["--resume", ck]
     return ["--data", os.path.join(data_dir, "train.csv"), "--val", os.path.join(data_dir, "val.csv"),
-            "--labels-file", os.path.join(data_dir, "labels.txt"), *[a for t in TEMPLATES for a in ("--template", t)],
+            "--labels-file", os.path.join(data_dir, "labels.txt"), *[a for t in data.EMOJI_TEMPLATES for a in ("--template", t)],
             *ARMS[arm], "--seed", str(seed), "--out", ck]
 
 

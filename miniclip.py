@@ -3,7 +3,7 @@ miniclip: CLIP (Radford et al. 2021, "Learning Transferable Visual Models From N
 Supervision") with every forward and backward pass written by hand in NumPy, or CuPy on a GPU.
 
 Reading order: the array backend, the layers (each a forward/backward pair), the contrastive loss,
-the config and parameters, the two encoders and the model's backward, AdamW, weights I/O, and image
+the config and parameters, the two encoders and the model's backward, AdamW, and image
 preprocessing.
 
 Notation used in every shape comment:
@@ -23,15 +23,24 @@ Linear weights are stored as PyTorch stores them, (out_features, in_features), s
 checkpoints load without a transpose.
 """
 import functools
-import json
 import math
 import os
-import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
-import numpy
+# OpenBLAS reads its settings once, when NumPy loads it, so miniclip makes its own here, before
+# `import numpy`, where nothing has loaded NumPy yet; a first reading can skip this: cpu_settings()
+# says what they are and what they save.
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    LOCAL_PROCESSES = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    if LOCAL_PROCESSES and not any(k in os.environ for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                            "MKL_NUM_THREADS")):
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(LOCAL_PROCESSES)))
+
+import numpy  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Array backend. `xp` is the array module every compute line calls: NumPy, or CuPy when the GPU is
@@ -86,12 +95,50 @@ MIN_SPLIT = 1 << 15             # elements; below this, handing work to a thread
 
 
 def cpu_threads():
-    """As many threads as BLAS runs: OMP_NUM_THREADS or OPENBLAS_NUM_THREADS if set (train.py sets one
+    """As many threads as BLAS runs: OMP_NUM_THREADS or OPENBLAS_NUM_THREADS if set (set at import
     under MPI, each process's share of the cores), else every core this process may use."""
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
             return int(os.environ[name])
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_settings():
+    """
+    The process-wide settings that miniclip's speed on a CPU depends on. Every entry point (train.py,
+    zeroshot.py, the experiments and benchmarks) calls this first; a script of one's own imports
+    miniclip before NumPy and calls it too. Three settings, each a no-op where it does not apply:
+
+    - OpenBLAS's threads spin for about 2^28 cycles after each matrix product before they sleep, and
+      so take the cores that by_rows runs the elementwise work on right after. OPENBLAS_THREAD_TIMEOUT=4
+      (2^4 cycles, OpenBLAS's least) lets them sleep at once. OpenBLAS reads it when NumPy loads, so
+      importing miniclip sets it (unless it is set, or NumPy came first: then this warns).
+    - Under an MPI launcher the processes on one machine share its cores: unless the user chose, each
+      gets its share of BLAS threads, as torchrun does (also at import). With more threads than cores,
+      OpenBLAS's busy-waiting threads fight, and a data-parallel step of --tiny ran 3 to 12 times slower.
+    - glibc's malloc serves blocks over 128 KiB with mmap and hands them back to the OS on free, so
+      every NumPy temporary page-faults afresh on each of its 4 KiB pages. Raising the mmap and trim
+      thresholds keeps freed memory in the process for reuse (MINICLIP_MALLOC_DEFAULTS=1 skips this).
+
+    benchmarks/bench.py measures each against its absence on a tiny train step.
+    """
+    import ctypes
+    import ctypes.util
+    import warnings
+    blas = numpy.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {}).get("name", "")
+    if "openblas" in blas and "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
+        warnings.warn("NumPy was imported before miniclip, so OpenBLAS's threads spin after each product "
+                      "(import miniclip first, or set OPENBLAS_THREAD_TIMEOUT=4)", stacklevel=2)
+    if os.environ.get("MINICLIP_MALLOC_DEFAULTS") == "1":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)    # glibc's largest allowed value
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
+        libc.mallopt(M_TOP_PAD, 64 * 2 ** 20)
+    except (OSError, AttributeError):
+        pass
 
 
 @functools.cache
@@ -1101,405 +1148,6 @@ class AdamW:
             if decays(k, w.shape):
                 w *= 1 - lr * self.weight_decay
             w -= (lr / c1) * m / (xp.sqrt(v / c2) + self.eps)
-
-
-# -----------------------------------------------------------------------------
-# Weights I/O: our own .npz checkpoints, and the safetensors folders of Hugging Face and open_clip.
-
-FORMAT_VERSION = 1
-META_KEY = "__meta__"          # our .npz holds its JSON metadata as a uint8 array under this name
-
-
-def save_weights(path, params, cfg, meta=None, extra=None):
-    """
-    Write a checkpoint: params under their own names, `extra` arrays (optimizer state, say) under
-    theirs, and a JSON blob with the config, the format version and `meta`; atomically (write_npz).
-    """
-    arrays = {k: to_numpy(v) for k, v in params.items()}
-    for k, v in (extra or {}).items():
-        if k in arrays or k == META_KEY:
-            raise ValueError(f"extra array name {k!r} collides with a parameter name")
-        arrays[k] = to_numpy(v)
-    blob = json.dumps({"format": "miniclip", "version": FORMAT_VERSION, "config": asdict(cfg),
-                       "meta": meta or {}, "params": sorted(params)})
-    arrays[META_KEY] = numpy.frombuffer(blob.encode(), dtype=numpy.uint8)
-    write_npz(path, arrays)
-
-
-def write_npz(path, arrays):
-    """
-    NumPy arrays to an .npz that appears whole or not at all: written to a temporary file beside it,
-    flushed to disk, and renamed over the target. Temporary files that an interrupted write left
-    (killed mid-write, they are as large as the file) go first.
-    """
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    folder, base = os.path.split(os.path.abspath(path))
-    for name in os.listdir(folder):
-        if name.startswith(base + ".tmp") and name[len(base) + 4:].isdigit():
-            os.remove(os.path.join(folder, name))
-    try:
-        with open(tmp, "wb") as f:
-            numpy.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path):
-    """
-    Read a checkpoint written by save_weights: (params, cfg, meta, extra), all arrays NumPy.
-    Never unpickles: a file holding pickled objects is refused.
-    """
-    import zipfile
-    if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a readable miniclip checkpoint (not an .npz archive)")
-    try:
-        with numpy.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except ValueError as e:
-        if "allow_pickle" in str(e):                    # NumPy refusing an object array
-            raise ValueError(f"{path}: holds pickled objects; refusing to unpickle it") from None
-        raise ValueError(f"{path}: not a readable miniclip checkpoint ({e})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a readable miniclip checkpoint ({e})") from None
-    if META_KEY not in arrays:
-        raise ValueError(f"{path}: not a miniclip checkpoint (no {META_KEY} entry)")
-    try:
-        head = json.loads(arrays.pop(META_KEY).tobytes().decode())
-        if head.get("format") != "miniclip" or head.get("version") != FORMAT_VERSION:
-            raise ValueError(f"not a miniclip checkpoint of format version {FORMAT_VERSION}")
-        cfg, names, meta = Config.from_dict(head["config"]), list(head["params"]), head["meta"]
-    except (AttributeError, KeyError, TypeError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: bad checkpoint metadata ({e})") from None
-    params = {k: arrays[k] for k in names if k in arrays}               # in the order they were saved
-    check_params(params, cfg, path)
-    return params, cfg, meta, {k: v for k, v in arrays.items() if k not in params}
-
-
-def check_params(params, cfg, source):
-    """Every parameter the config needs is there with its shape, and nothing else."""
-    want = param_shapes(cfg)
-    missing = sorted(set(want) - set(params))
-    unexpected = sorted(set(params) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"{source}: parameters do not match the config: "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, shape in want.items():
-        if tuple(params[k].shape) != tuple(shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(params[k].shape)}, expected {tuple(shape)}")
-
-
-# safetensors: an 8-byte little-endian header length n, n bytes of JSON that give each tensor's
-# dtype, shape and [begin, end) byte range in the data that follows, then the data.
-SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4"}
-MAX_HEADER_BYTES = 100 * 2 ** 20
-
-
-def read_safetensors(path):
-    """A dict of float32 NumPy arrays (integer tensors stay integers). Raises ValueError on a bad file."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            if size < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(size - 8, MAX_HEADER_BYTES):
-                raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"header is not JSON ({e})") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a valid safetensors file: header is not a JSON object")
-
-    data = numpy.memmap(path, dtype=numpy.uint8, mode="r", offset=8 + n) if size > 8 + n else \
-        numpy.zeros(0, numpy.uint8)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if dtype not in SAFETENSORS_DTYPES:
-                raise ValueError(f"unsupported dtype {dtype!r}")
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                raise ValueError(f"bad shape {shape!r}")
-            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= len(data)):
-                raise ValueError(f"data offsets [{begin}, {end}) fall outside the {len(data)} data bytes")
-            itemsize = numpy.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
-            if math.prod(shape) * itemsize != end - begin:
-                raise ValueError(f"shape {shape} of {dtype} needs {math.prod(shape) * itemsize} bytes, "
-                                 f"offsets give {end - begin}")
-        except (KeyError, TypeError, ValueError) as e:
-            msg = str(e) if isinstance(e, ValueError) else f"malformed entry {info!r}"[:200]
-            raise ValueError(f"{path}: not a valid safetensors file: tensor {name!r}: {msg}") from None
-        raw = numpy.frombuffer(data[begin:end], dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
-        if dtype == "BF16":                             # bfloat16 is the top half of a float32
-            raw = (raw.astype(numpy.uint32) << 16).view(numpy.float32)
-        tensors[name] = raw.astype(numpy.float32) if raw.dtype.kind == "f" else raw.copy()
-    return tensors
-
-
-def read_sharded_safetensors(index):
-    """
-    The tensors of a model saved in shards: transformers' NAME.safetensors.index.json, whose
-    "weight_map" names the shard file (beside it) that holds each tensor. Every shard is read as one
-    file; a missing shard, a tensor in two shards, or a tensor the map places in a shard that does
-    not hold it is a ValueError naming it.
-    """
-    try:
-        weight_map = read_json(index)["weight_map"]
-        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
-            raise TypeError("weight_map is not an object of file names")
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-    folder, tensors, source = os.path.dirname(os.path.abspath(index)), {}, {}
-    for shard in sorted(set(weight_map.values())):
-        path = os.path.join(folder, shard)
-        if os.path.basename(shard) != shard or not os.path.isfile(path):
-            raise ValueError(f"{index}: its shard {shard!r} is not a file in {folder}")
-        for name, value in read_safetensors(path).items():
-            if name in source:
-                raise ValueError(f"{index}: tensor {name!r} is in two shards, {source[name]} and {shard}")
-            tensors[name], source[name] = value, shard
-    for name, shard in weight_map.items():
-        if source.get(name) != shard:
-            raise ValueError(f"{index}: weight_map puts {name!r} in {shard}, which does not hold it")
-    return tensors
-
-
-def hf_to_openai(hf):
-    """
-    Rename a transformers CLIPModel state dict to OpenAI's names. All the layout changes live here:
-    q, k and v stack into one in_proj matrix, and the two projections, which transformers stores as
-    nn.Linear weights (E, D), transpose to OpenAI's (D, E). Works on parameters and on their gradients.
-    """
-    out = {}
-    layer_names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
-                   "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
-    for tower, ours in (("vision_model", "visual.transformer"), ("text_model", "transformer")):
-        i = 0
-        while f"{tower}.encoder.layers.{i}.layer_norm1.weight" in hf:
-            src, dst = f"{tower}.encoder.layers.{i}.", f"{ours}.resblocks.{i}."
-            for a, b in layer_names.items():
-                for wb in ("weight", "bias"):
-                    out[f"{dst}{b}.{wb}"] = hf[f"{src}{a}.{wb}"]
-            for wb in ("weight", "bias"):
-                out[f"{dst}attn.in_proj_{wb}"] = numpy.concatenate(
-                    [hf[f"{src}self_attn.{p}_proj.{wb}"] for p in "qkv"])
-            i += 1
-    renames = {
-        "vision_model.embeddings.class_embedding": "visual.class_embedding",
-        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-        "logit_scale": "logit_scale",
-    }
-    for a, b in renames.items():
-        out[b] = hf[a]
-    out["visual.proj"] = hf["visual_projection.weight"].T
-    out["text_projection"] = hf["text_projection.weight"].T
-    out["logit_scale"] = numpy.asarray(out["logit_scale"]).reshape(())
-    return out
-
-
-def config_from_params(params):
-    """
-    Infer the config from the shapes. The MLP widths are read off the first block; the number of
-    heads cannot be, so it follows OpenAI's rule that every head is 64 wide (a file whose heads are
-    not, LAION's ViT-g/14 and ViT-bigG/14 among them, needs its config.json or open_clip_config.json).
-    """
-    conv = params["visual.conv1.weight"].shape
-    n_pos = params["visual.positional_embedding"].shape[0]
-    G = math.isqrt(n_pos - 1)
-    count = lambda prefix: len({k for k in params if k.startswith(prefix) and k.endswith("ln_1.weight")})
-    mlp = lambda prefix, D: mlp_width(D, params[prefix + "resblocks.0.mlp.c_fc.weight"].shape[0])
-    return Config(image_size=G * conv[2], patch_size=conv[2], vision_width=conv[0],
-                  vision_layers=count("visual.transformer.resblocks."), vision_heads=conv[0] // 64,
-                  context_length=params["positional_embedding"].shape[0],
-                  vocab_size=params["token_embedding.weight"].shape[0],
-                  text_width=params["ln_final.weight"].shape[0],
-                  text_layers=count("transformer.resblocks."),
-                  text_heads=params["ln_final.weight"].shape[0] // 64,
-                  embed_dim=params["text_projection"].shape[1],
-                  vision_mlp_width=mlp("visual.transformer.", conv[0]),
-                  text_mlp_width=mlp("transformer.", params["ln_final.weight"].shape[0]))
-
-
-def mlp_width(D, F):
-    """Config's MLP width field for a tower of width D whose MLP is F wide: 0 (4D, the default) or F."""
-    return 0 if F is None or F == 4 * D else int(F)
-
-
-def config_from_hf(d, source):
-    """A Config from a transformers config.json dict (CLIPConfig's, with text_config and vision_config)."""
-    try:
-        t, v = d["text_config"], d["vision_config"]
-        acts = {c.get("hidden_act", "quick_gelu") for c in (t, v)}
-        if len(acts) > 1 or not acts <= set(ACTIVATIONS):
-            raise ValueError(f"{source}: hidden_act {sorted(acts)}: miniclip runs one of {sorted(ACTIVATIONS)}, "
-                             "the same in both towers")
-        return Config(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
-                      vision_width=v.get("hidden_size", 768), vision_layers=v.get("num_hidden_layers", 12),
-                      vision_heads=v.get("num_attention_heads", 12),
-                      context_length=t.get("max_position_embeddings", 77),
-                      vocab_size=t.get("vocab_size", 49408), text_width=t.get("hidden_size", 512),
-                      text_layers=t.get("num_hidden_layers", 12), text_heads=t.get("num_attention_heads", 8),
-                      embed_dim=d.get("projection_dim", 512),
-                      layer_norm_eps=v.get("layer_norm_eps", 1e-5), activation=acts.pop(),
-                      vision_mlp_width=mlp_width(v.get("hidden_size", 768), v.get("intermediate_size")),
-                      text_mlp_width=mlp_width(t.get("hidden_size", 512), t.get("intermediate_size")))
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{source}: not a CLIP config.json ({e})") from None
-
-
-# open_clip's configs (open_clip_config.json's "model_cfg", or a file of open_clip's model_configs/):
-# the defaults of its CLIPVisionCfg and CLIPTextCfg, and the options that change the architecture away
-# from OpenAI's, with the value that keeps it. A config that sets one of them otherwise is refused.
-OPEN_CLIP_VISION = {"layers": 12, "width": 768, "head_width": 64, "patch_size": 16, "image_size": 224}
-OPEN_CLIP_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
-OPEN_CLIP_SAME_AS_OPENAI = {
-    "vision_cfg": {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
-                   "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",
-                   "timm_model_name": None, "qk_norm": False, "scaled_cosine_attn": False,
-                   "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False},
-    "text_cfg": {"ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
-                 "final_ln_after_pool": False, "pool_type": "argmax", "proj_bias": False, "proj_type": "linear",
-                 "hf_model_name": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
-                 "scale_attn_inner": False, "scale_attn": False, "scale_fc": False},
-}
-
-
-def config_from_open_clip(d, source):
-    """A Config from open_clip_config.json (or a bare model config): the towers OpenAI's CLIP has."""
-    try:
-        m = d.get("model_cfg", d)
-        v, t = m["vision_cfg"], m["text_cfg"]
-        for part, cfg in (("vision_cfg", v), ("text_cfg", t)):
-            for key, same in OPEN_CLIP_SAME_AS_OPENAI[part].items():
-                if cfg.get(key, same) != same:
-                    raise ValueError(f"{part}.{key} = {cfg[key]!r}: miniclip implements only OpenAI's "
-                                     f"architecture ({key} = {same!r})")
-        if isinstance(v.get("layers"), (list, tuple)):
-            raise ValueError("a ResNet image tower (vision_cfg.layers is a list): miniclip implements the ViT")
-        v, t = {**OPEN_CLIP_VISION, **v}, {**OPEN_CLIP_TEXT, **t}
-        size = v["image_size"]
-        if isinstance(size, (list, tuple)):
-            if len(set(size)) != 1:
-                raise ValueError(f"image_size {size}: miniclip takes square images")
-            size = size[0]
-        eps = {c.get("norm_kwargs", {}).get("eps", 1e-5) for c in (v, t)}
-        if len(eps) > 1:
-            raise ValueError(f"LayerNorm eps differs between the towers ({sorted(eps)})")
-        return Config(image_size=size, patch_size=v["patch_size"], vision_width=v["width"],
-                      vision_layers=v["layers"], vision_heads=v["width"] // v["head_width"],
-                      context_length=t["context_length"], vocab_size=t["vocab_size"], text_width=t["width"],
-                      text_layers=t["layers"], text_heads=t["heads"], embed_dim=m["embed_dim"],
-                      layer_norm_eps=eps.pop(), activation="quick_gelu" if m.get("quick_gelu") else "gelu",
-                      vision_mlp_width=mlp_width(v["width"], int(v["width"] * v.get("mlp_ratio", 4.0))),
-                      text_mlp_width=mlp_width(t["width"], int(t["width"] * t.get("mlp_ratio", 4.0))))
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{source}: not an open_clip config ({type(e).__name__}: {e})") from None
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-# The weights file of each folder layout we read, and the config beside it.
-HF_FILES = ("model.safetensors", "config.json")
-OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_config.json")
-
-
-def load_safetensors_model(file):
-    """
-    (params, cfg) from a CLIP safetensors file under either family of names: transformers' CLIPModel
-    ("vision_model.*", read with config.json beside it) or OpenAI's, which open_clip uses ("visual.*",
-    read with open_clip_config.json). Without its config file, the shape comes from the tensors' shapes.
-    """
-    tensors = read_sharded_safetensors(file) if file.endswith(".index.json") else read_safetensors(file)
-    folder = os.path.dirname(os.path.abspath(file))
-    if any(k.startswith(("visual.", "text.")) for k in tensors):             # OpenAI's and open_clip's names
-        # open_clip's CustomTextCLIP keeps the text tower under "text."; its tensors are OpenAI's below it.
-        params = {k.removeprefix("text."): v for k, v in tensors.items()}
-        if params.get("logit_scale", numpy.empty(0)).size == 1:             # a scalar, stored as () or (1,)
-            params["logit_scale"] = params["logit_scale"].reshape(())
-        cfg_file, from_json = os.path.join(folder, OPEN_CLIP_FILES[1]), config_from_open_clip
-    else:
-        hf = {k.removeprefix("clip."): v for k, v in tensors.items() if not k.endswith("position_ids")}
-        try:
-            params = hf_to_openai(hf)
-        except KeyError as e:
-            raise ValueError(f"{file}: not a CLIP model: tensor {e} is missing") from None
-        cfg_file, from_json = os.path.join(folder, HF_FILES[1]), config_from_hf
-    if os.path.isfile(cfg_file):
-        cfg = from_json(read_json(cfg_file), cfg_file)
-    else:
-        try:
-            cfg = config_from_params(params)
-        except KeyError as e:
-            raise ValueError(f"{file}: not a CLIP model: tensor {e} is missing") from None
-    check_params(params, cfg, file)
-    return params, cfg
-
-
-def weights_file(path):
-    """
-    The weights of a model folder in either layout (Hugging Face's first): its safetensors file, or
-    the index of its shards (model.safetensors.index.json, as transformers writes a large model), or
-    path itself.
-    """
-    if not os.path.isdir(path):
-        return path
-    for name, _ in (HF_FILES, OPEN_CLIP_FILES):
-        for candidate in (name, name + ".index.json"):
-            if os.path.isfile(os.path.join(path, candidate)):
-                return os.path.join(path, candidate)
-    raise ValueError(f"{path}: neither {HF_FILES[0]} nor {OPEN_CLIP_FILES[0]} there, nor a shard index "
-                     "(pytorch_model.bin and open_clip_pytorch_model.bin are not read: they are pickles)")
-
-
-def model_folder(path):
-    """The folder of a model: path itself, or the folder of the weights file it names."""
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-
-
-def load_weights(path, dtype=numpy.float32):
-    """
-    (params, cfg) from our .npz checkpoint, a Hugging Face or open_clip model folder, or the
-    safetensors file in one, with params as arrays of the current backend. Raises ValueError with a
-    readable message on a bad or foreign file.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: no such file or directory")
-    if os.path.isdir(path) or path.endswith((".safetensors", ".safetensors.index.json")):
-        params, cfg = load_safetensors_model(weights_file(path))
-    else:
-        params, cfg, _, _ = load_checkpoint(path)
-    return {k: xp.asarray(v, dtype=dtype) for k, v in params.items()}, cfg
 
 
 # -----------------------------------------------------------------------------

@@ -27,50 +27,15 @@ import sys
 import time
 import traceback
 
-# Under an MPI launcher the processes on one machine share its cores. Unless the user chose, give each
-# its share of BLAS threads, as torchrun does: with more threads than cores, OpenBLAS's busy-waiting
-# threads fight, and a data-parallel step of --tiny ran 3 to 12 times slower. This must happen before
-# NumPy loads.
-LOCAL_PROCESSES = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
-if LOCAL_PROCESSES and not any(k in os.environ for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
-    os.environ["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // int(LOCAL_PROCESSES)))
-# OpenBLAS's threads spin for about 2^28 cycles after each matrix product before they sleep, and so
-# take the cores that miniclip.by_rows runs the elementwise work on right after. Letting them sleep
-# at once (2^4 cycles, OpenBLAS's least) made a tiny train step 20% faster on 2 cores; without it,
-# by_rows gained nothing. Other BLAS libraries ignore the variable.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
+import miniclip as mc  # first: it makes OpenBLAS's settings before NumPy loads (mc.cpu_settings)
 import numpy as np
 from PIL import Image
 
 import bpe
 import data
-import miniclip as mc
+import weights
 from data import UserError
 from zeroshot import evaluate, trim
-
-
-def keep_freed_memory():
-    """
-    A speed setting for glibc's malloc, which main() applies to the training process (importing this
-    file does not). Every NumPy temporary is a fresh buffer, and glibc serves blocks over 128 KiB with
-    mmap and hands them back to the OS on free, so the next temporary page-faults on each of its 4 KiB
-    pages. Raising the mmap and trim thresholds keeps freed memory in the process for reuse.
-    benchmarks/bench.py measures what it saves on a tiny train step, and the peak memory, against
-    glibc's defaults (MINICLIP_MALLOC_DEFAULTS=1 skips this). A no-op where libc is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-    if os.environ.get("MINICLIP_MALLOC_DEFAULTS") == "1":
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)    # glibc's largest allowed value
-        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
-        libc.mallopt(M_TOP_PAD, 64 * 2 ** 20)
-    except (OSError, AttributeError):
-        pass
 
 
 class GroupError(UserError):
@@ -434,7 +399,7 @@ def model_config(args):
     changes = {}
     if args.model_config:
         try:
-            changes = mc.read_json(args.model_config)
+            changes = weights.read_json(args.model_config)
         except (OSError, ValueError) as e:
             raise UserError(f"--model-config {args.model_config}: {getattr(e, 'strerror', None) or e}") from None
         unknown = set(changes) - set(SHAPE_FIELDS) if isinstance(changes, dict) else None
@@ -453,12 +418,12 @@ def load_model(args):
     tok = bpe.load(args.tokenizer) if args.tokenizer else None
     if not args.init:
         return None, model_config(args), tok
-    params, cfg = mc.load_weights(args.init)
+    params, cfg = weights.load_weights(args.init)
     if tok is None:
         if os.path.isdir(args.init) or ".safetensors" in args.init:
-            tok = bpe.load(mc.model_folder(args.init))
+            tok = bpe.load(weights.model_folder(args.init))
         else:
-            tok = bpe.from_list(mc.load_checkpoint(args.init)[2]["tokenizer"])
+            tok = bpe.from_list(weights.load_checkpoint(args.init)[2]["tokenizer"])
     return params, cfg, tok
 
 
@@ -503,7 +468,7 @@ def setup(args):
     """Everything the loop needs, fresh or from --resume: a dict of the run's state. Reads files, writes none."""
     check_args(args)
     if args.resume:
-        params, cfg, meta, extra = mc.load_checkpoint(args.resume)
+        params, cfg, meta, extra = weights.load_checkpoint(args.resume)
         if "adam_t" not in meta:
             raise UserError(f"{args.resume}: holds weights only, no training state to resume (use --init)")
         overrides = {k: getattr(args, k) for k in ("steps", "log_every", "eval_every") if getattr(args, k) is not None}
@@ -738,7 +703,7 @@ def save_checkpoint(path, run, data_args):
             "held_out_pairs": [" ".join(p) for p in run["held"]], "train_config": dataclasses.asdict(run["tc"]),
             "data_args": data_args, "data_fingerprint": run["fingerprint"], "step": run["step"], "adam_t": opt.t}
     extra = {**{f"adam.m.{k}": v for k, v in opt.m.items()}, **{f"adam.v.{k}": v for k, v in opt.v.items()}}
-    mc.save_weights(path, run["params"], run["cfg"], meta=meta, extra=extra)
+    weights.save_weights(path, run["params"], run["cfg"], meta=meta, extra=extra)
 
 
 def parse_args(argv=None):
@@ -809,7 +774,7 @@ def abort(group):
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)         # a log piped to a file arrives line by line
     args = parse_args(argv)
-    keep_freed_memory()
+    mc.cpu_settings()
     group = None
     try:
         group = mpi_group()

@@ -16,11 +16,12 @@ import json
 import os
 import sys
 
+import miniclip as mc  # first: it makes OpenBLAS's settings before NumPy loads (mc.cpu_settings)
 import numpy as np
 
 import bpe
 import data
-import miniclip as mc
+import weights
 from data import UserError
 
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "tiny.npz")
@@ -30,16 +31,16 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 def load_model(args):
     """(params, cfg, tokenizer, labels, templates, preprocessing settings) from --weights or --checkpoint."""
     if args.weights:
-        params, cfg = mc.load_weights(args.weights)
-        folder = mc.model_folder(args.weights)
-        return params, cfg, bpe.load(folder), None, [DEFAULT_TEMPLATE], read_preprocessor(folder, cfg)
+        params, cfg = weights.load_weights(args.weights)
+        folder = weights.model_folder(args.weights)
+        return params, cfg, bpe.load(folder), None, [DEFAULT_TEMPLATE], weights.read_preprocessor(folder, cfg)
     path = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.exists(path):
         if args.checkpoint:
             raise UserError(f"{path}: no such checkpoint")
         raise UserError(f"no checkpoint at {path}: run `python train.py --tiny` first, or pass --checkpoint "
                         f"or --weights")
-    params, cfg, meta, _ = mc.load_checkpoint(path)
+    params, cfg, meta, _ = weights.load_checkpoint(path)
     if cfg.objective != "contrastive":
         raise UserError(f"{path}: a {cfg.objective!r} model has no text tower to compare with; "
                         "train.py evaluates it")
@@ -48,39 +49,6 @@ def load_model(args):
     params = mc.to_device({k: v.astype(np.float32) for k, v in params.items()})
     return (params, cfg, bpe.from_list(meta["tokenizer"]), meta.get("labels") or None,
             meta.get("templates") or [DEFAULT_TEMPLATE], (cfg.image_size, cfg.image_size, mc.CLIP_MEAN, mc.CLIP_STD))
-
-
-def read_preprocessor(folder, cfg):
-    """
-    (resize, crop, mean, std): from a Hugging Face preprocessor_config.json, else from the
-    "preprocess_cfg" of an open_clip_config.json, else CLIP's defaults. Both families resize the short
-    side with bicubic filtering and take the centered square, as mc.preprocess does.
-    """
-    size, crop, mean, std = cfg.image_size, cfg.image_size, mc.CLIP_MEAN, mc.CLIP_STD
-    hf, oc = os.path.join(folder, "preprocessor_config.json"), os.path.join(folder, mc.OPEN_CLIP_FILES[1])
-    path = hf if os.path.isfile(hf) else oc if os.path.isfile(oc) else None
-    try:
-        if path == hf:
-            pc = mc.read_json(hf)
-            size = pc.get("size", size)
-            size = size.get("shortest_edge", size) if isinstance(size, dict) else size
-            crop = pc.get("crop_size", crop)
-            crop = crop.get("height", crop) if isinstance(crop, dict) else crop
-            mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
-        elif path == oc:
-            pc = mc.read_json(oc).get("preprocess_cfg", {})
-            for key, ours in (("interpolation", "bicubic"), ("resize_mode", "shortest")):
-                if pc.get(key, ours) != ours:
-                    raise UserError(f"{oc}: preprocess_cfg {key} {pc[key]!r}; zeroshot.py resizes as {ours!r}")
-            mean, std = tuple(pc.get("mean", mean)), tuple(pc.get("std", std))
-        size, crop = int(size), int(crop)
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean {mean} and std {std} need 3 values each")
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        raise UserError(f"{path}: not a readable preprocessing config ({e})") from None
-    if crop != cfg.image_size:
-        raise UserError(f"{path}: crops {crop} pixels but the model takes {cfg.image_size}")
-    return size, crop, mean, std
 
 
 def read_labels(args, default):
@@ -200,7 +168,7 @@ def retrieve(paths, images, queries, texts, scale, args):
 
 def save_embeddings(path, paths, images, text_key, texts, text_embeddings, scale):
     """One .npz, written whole or not at all: unit image and text embeddings with their paths and texts."""
-    mc.write_npz(path, {"image_embeddings": images, "image_paths": np.array(paths, dtype=str),
+    weights.write_npz(path, {"image_embeddings": images, "image_paths": np.array(paths, dtype=str),
                         "text_embeddings": mc.to_numpy(text_embeddings), text_key: np.array(texts, dtype=str),
                         "logit_scale": np.float64(scale)})
 
@@ -368,7 +336,7 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "gpu"], help="default: $MINICLIP_DEVICE or cpu")
     p.add_argument("--batch-size", type=int, default=32, help="images encoded at a time")
     args = p.parse_args(argv)
-
+    mc.cpu_settings()
     try:
         if args.batch_size < 1 or (args.topk is not None and args.topk < 1):
             raise UserError("--batch-size and --topk must be at least 1")

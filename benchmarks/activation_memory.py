@@ -16,10 +16,9 @@ import os
 import sys
 import tracemalloc
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import miniclip as mc                                   # noqa: E402
+import miniclip as mc  # noqa: E402  before NumPy: it makes OpenBLAS's settings (mc.cpu_settings)
+import numpy as np  # noqa: E402
 
 
 def step_peak(params, cfg, n, checkpoint):
@@ -42,6 +41,7 @@ def main():
     p.add_argument("--budget-gib", type=float, default=24.0)
     p.add_argument("--batches", type=int, nargs=2, default=(2, 6))
     args = p.parse_args()
+    mc.cpu_settings()
     cfg = mc.PRESETS[args.preset]
     params = mc.init_params(cfg)
     n_params = sum(v.size for v in params.values())

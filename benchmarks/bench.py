@@ -25,11 +25,11 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import miniclip as mc                                   # noqa: E402  (importing it changes nothing global)
+import miniclip as mc  # noqa: E402  before NumPy: it makes OpenBLAS's settings (mc.cpu_settings)
+import numpy as np  # noqa: E402
+import weights                                          # noqa: E402
 
 THREADS = os.cpu_count()
 
@@ -134,13 +134,12 @@ def measure(framework, task, spec, folder, repeats):
     n, text_len = {"train": (128, 16), "image": (16, 77), "text": (256, 77)}[task]
     pixels, ids = inputs(spec, n, text_len)
     if framework == "miniclip":
-        import train
-        train.keep_freed_memory()                       # as train.py's main() does
+        mc.cpu_settings()                               # as train.py's main() does
         if os.environ.get("BENCH_ROWS_WHOLE") == "1":
             mc.MIN_SPLIT = math.inf                     # by_rows then runs every array in one piece
         if os.environ.get("BENCH_LAST_BLOCK_WHOLE") == "1":
             every_position_through_the_last_block()
-        params, cfg = mc.load_weights(folder)
+        params, cfg = weights.load_weights(folder)
         baseline = rss_mib()
         reset_peak()
         if task == "train":
@@ -211,8 +210,8 @@ def rss_mib():
 def run_one(framework, task, spec, folder, repeats, **env):
     """One measurement in a fresh process. env: variables to set there, None to unset one."""
     env = {**os.environ, **env}
-    if framework == "miniclip":                         # as train.py sets it before NumPy loads
-        env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    if framework != "miniclip":                         # importing miniclip set it here; PyTorch runs as it comes
+        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
     env = {k: v for k, v in env.items() if v is not None}
     out = subprocess.run([sys.executable, __file__, "--one", framework, task, json.dumps(spec), folder, str(repeats)],
                          capture_output=True, text=True, check=True, env=env).stdout
@@ -295,8 +294,10 @@ def stdlib_text(n_bytes):
 # variables are set in the measuring process, before NumPy loads.
 TRICKS = {
     "glibc's default malloc (MINICLIP_MALLOC_DEFAULTS=1)": ("keeping freed memory", {"MINICLIP_MALLOC_DEFAULTS": "1"}),
-    "OpenBLAS's threads left spinning (OPENBLAS_THREAD_TIMEOUT unset)": ("letting BLAS threads sleep",
-                                                                        {"OPENBLAS_THREAD_TIMEOUT": None}),
+    "OpenBLAS's threads left spinning (OPENBLAS_THREAD_TIMEOUT=28, its default)": ("letting BLAS threads sleep",
+                                                                                  {"OPENBLAS_THREAD_TIMEOUT": "28"}),
+    "none of cpu_settings() (NumPy imported first, as a script of one's own may)": (
+        "the CPU settings", {"MINICLIP_MALLOC_DEFAULTS": "1", "OPENBLAS_THREAD_TIMEOUT": "28"}),
     "every array in one piece (no by_rows threads)": ("by_rows", {"BENCH_ROWS_WHOLE": "1"}),
     "every position through the last block, as PyTorch": ("reading one position of the last block",
                                                           {"BENCH_LAST_BLOCK_WHOLE": "1"}),

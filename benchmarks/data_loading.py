@@ -15,14 +15,13 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import miniclip as mc  # noqa: E402  before NumPy: it makes OpenBLAS's settings (mc.cpu_settings)
+import numpy as np  # noqa: E402
 import data                                             # noqa: E402
-import miniclip as mc                                   # noqa: E402
-import train                                            # noqa: E402
 
 
 def write_jpegs(folder, n, w, h, seed=0):
@@ -100,7 +99,7 @@ def run_train(args):
 
 
 def main():
-    train.keep_freed_memory()                           # the model's step rate as train.py's process runs it
+    mc.cpu_settings()                                   # the model's step rate as train.py's process runs it
     with tempfile.TemporaryDirectory() as tmp:
         small, photo = write_jpegs(tmp, 64, 256, 256), write_jpegs(tmp, 64, 640, 480, seed=1)
         print("## Decoding, one worker (images/s) against the model's train step (pairs/s)\n")

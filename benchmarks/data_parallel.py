@@ -43,14 +43,15 @@ def shard(x, rank, k):
 
 def miniclip_step(folder, case, repeats):
     import miniclip as mc
+    import weights
     import train
-    train.keep_freed_memory()                           # as train.py's main() does
+    mc.cpu_settings()                                   # as train.py's main() does
     group = train.mpi_group()
     rank, k = (group.rank, group.size) if group else (0, 1)
     spec, n, text_len = CASES[case]
     pixels, ids = inputs(spec, n, text_len)
     pixels, ids = shard(pixels, rank, k), shard(ids, rank, k)
-    params, cfg = mc.load_weights(folder)
+    params, cfg = weights.load_weights(folder)
     opt = mc.AdamW(params)
     in_collectives = [0.0]
     if group:                                           # time each collective, waiting included

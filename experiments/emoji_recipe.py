@@ -24,10 +24,10 @@ import sys
 import textwrap
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import miniclip as mc  # noqa: E402  before NumPy: it makes OpenBLAS's settings (mc.cpu_settings)
+import numpy as np  # noqa: E402
 import data                                             # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -152,6 +152,7 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join(HERE, "emoji"), help="results.json, table.md and the figure")
     p.add_argument("--from-results", action="store_true", help="only rebuild the table and the figure")
     args = p.parse_args(argv)
+    mc.cpu_settings()
     os.makedirs(args.results, exist_ok=True)
     os.makedirs(args.checkpoints, exist_ok=True)
     path = os.path.join(args.results, "results.json")

@@ -24,13 +24,12 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import miniclip as mc  # noqa: E402  before NumPy: it makes OpenBLAS's settings (mc.cpu_settings)
+import numpy as np  # noqa: E402
 import bpe                                              # noqa: E402
 import data                                             # noqa: E402
-import miniclip as mc                                   # noqa: E402
 import train                                            # noqa: E402
 import zeroshot                                         # noqa: E402
 
@@ -361,6 +360,7 @@ def markdown(claim_list):
 
 
 def run_in_worker(job):
+    mc.cpu_settings()
     return run(*job)
 
 
@@ -372,6 +372,7 @@ def main(argv=None):
     p.add_argument("--from-results", action="store_true",
                    help="train nothing: recompute the claims, the table and the figures from the runs in --out's results.json")
     args = p.parse_args(argv)
+    mc.cpu_settings()
     if args.from_results:
         with open(os.path.join(args.out, "results.json")) as f:
             saved = json.load(f)

@@ -4,10 +4,10 @@ import importlib.util
 import os
 import sys
 
-import numpy as np
-import pytest
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import miniclip  # noqa: E402,F401  before NumPy, so that the tests run with the settings the programs make
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def rel_error(a, b):
@@ -93,6 +93,7 @@ def clip_folders(folder, act="quick_gelu", width=64, layers=2, heads=2, image=64
 
     import bpe
     import miniclip as mc
+    import weights
     torch, transformers = reference("torch"), reference("transformers")
     safetensors_numpy = reference("safetensors.numpy")
     torch.manual_seed(seed)
@@ -110,7 +111,7 @@ def clip_folders(folder, act="quick_gelu", width=64, layers=2, heads=2, image=64
         .save_pretrained(hf)
 
     os.makedirs(oc)
-    tensors = mc.hf_to_openai({k: v.numpy() for k, v in model.state_dict().items()})
+    tensors = weights.hf_to_openai({k: v.numpy() for k, v in model.state_dict().items()})
     safetensors_numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                                 str(oc / "open_clip_model.safetensors"))
     model_cfg = {"embed_dim": proj, "quick_gelu": act == "quick_gelu",
@@ -134,8 +135,9 @@ def zeroshot_probabilities(checkpoint, image, labels):
     """
     import bpe
     import miniclip as mc
+    import weights
     import zeroshot
-    params, cfg, meta, _ = mc.load_checkpoint(checkpoint)
+    params, cfg, meta, _ = weights.load_checkpoint(checkpoint)
     params = {k: v.astype(np.float32) for k, v in params.items()}
     tok, templates = bpe.from_list(meta["tokenizer"]), meta.get("templates") or [zeroshot.DEFAULT_TEMPLATE]
     pixels = mc.preprocess(mc.open_image(str(image)), cfg.image_size)[None]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import miniclip as mc
+import weights
 from conftest import max_rel
 from test_model import MICRO, batch
 
@@ -89,7 +90,7 @@ def assert_same_weights(got, want):
 
 def read_run(folder):
     """(weights and optimizer moments, metadata, log records) of the checkpoint in folder."""
-    params, _, meta, extra = mc.load_checkpoint(str(folder / "c.npz"))
+    params, _, meta, extra = weights.load_checkpoint(str(folder / "c.npz"))
     with open(folder / "c.metrics.jsonl") as f:
         return {**params, **extra}, meta, [json.loads(line) for line in f]
 
@@ -175,7 +176,7 @@ def test_a_signal_to_one_process_stops_them_all_and_saves(tmp_path):
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted (a signal to another process)" in rest and "resume with" in rest
-    assert 1 <= mc.load_checkpoint(out)[2]["step"] < 100000
+    assert 1 <= weights.load_checkpoint(out)[2]["step"] < 100000
 
 
 def test_errors_are_one_line_from_one_process(tmp_path):
@@ -224,5 +225,5 @@ def test_each_process_decodes_only_its_share_of_the_shards(tmp_path):
     assert "images decoded by each process: [24, 24]" in two.stdout
     one = mpirun(1, WORKER, "train", *args, "--out", str(tmp_path / "one.npz"))
     assert one.returncode == 0, one.stdout + one.stderr
-    a, b = mc.load_checkpoint(str(tmp_path / "two.npz")), mc.load_checkpoint(str(tmp_path / "one.npz"))
+    a, b = weights.load_checkpoint(str(tmp_path / "two.npz")), weights.load_checkpoint(str(tmp_path / "one.npz"))
     assert_same_weights(a[0], b[0])                     # float64: the same data, to round-off

@@ -13,6 +13,7 @@ from PIL import Image
 
 import data
 import miniclip as mc
+import weights
 import train
 import zeroshot
 
@@ -219,7 +220,7 @@ def test_train_and_zeroshot_on_the_prepared_data(prepared, tmp_path, capsys):
     val_names = len((out / "labels_val.txt").read_text().splitlines())
     assert f"validation pairs from {out / 'train.csv'} and {out / 'val.csv'}, of {val_names} labels" in log
     assert "zeroshot_top5" in log
-    meta = mc.load_checkpoint(ck)[2]
+    meta = weights.load_checkpoint(ck)[2]
     assert meta["labels"] == (out / "labels.txt").read_text().splitlines()
     assert meta["templates"] == ["an emoji of {}"] and meta["data_args"]["val"] == str(out / "val.csv")
 

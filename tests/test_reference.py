@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import miniclip as mc
+import weights
 from conftest import max_rel, reference
 
 torch = reference("torch")
@@ -67,7 +68,7 @@ def features(out):
 def test_features_loss_and_gradients_match_transformers(tmp_path, name):
     spec = CONFIGS[name]
     model = hf_model(tmp_path, spec)
-    params, cfg = mc.load_weights(tmp_path)
+    params, cfg = weights.load_weights(tmp_path)
     assert (cfg.text_heads, cfg.vision_heads) == (spec["text"][1], spec["vision"][1])
     assert (cfg.text_mlp, cfg.vision_mlp) == spec.get("mlp", (4 * spec["text"][0], 4 * spec["vision"][0]))
     assert cfg.activation == spec.get("act", "quick_gelu")
@@ -86,7 +87,7 @@ def test_features_loss_and_gradients_match_transformers(tmp_path, name):
     loss, grads = mc.loss_and_grads(params, cfg, pixels, ids)
     assert abs(loss - out.loss.item()) / out.loss.item() < 5e-7
 
-    ref_grads = mc.hf_to_openai({k: p.grad.numpy() for k, p in model.named_parameters()})
+    ref_grads = weights.hf_to_openai({k: p.grad.numpy() for k, p in model.named_parameters()})
     assert set(ref_grads) == set(grads)
     errors = {k: max_rel(grads[k], ref_grads[k]) for k in grads}
     worst = max(errors, key=errors.get)
@@ -117,7 +118,7 @@ def test_each_layer_matches_transformers(tmp_path, name):
     """Layer by layer, so that a wrong block is named, not only a wrong feature at the end."""
     spec = CONFIGS[name]
     model = hf_model(tmp_path, spec)
-    params, cfg = mc.load_weights(tmp_path)
+    params, cfg = weights.load_weights(tmp_path)
     pixels, ids = inputs(spec)
     with torch.no_grad():
         ref = {"vision": model.vision_model(pixel_values=torch.tensor(pixels), output_hidden_states=True).hidden_states,
@@ -158,7 +159,7 @@ def test_safetensors_reader_matches_the_safetensors_package(tmp_path):
                "half": rng.standard_normal((5,)).astype(np.float16),
                "empty": np.zeros((0, 3), np.float32), "ids": np.arange(6, dtype=np.int64).reshape(2, 3)}
     safetensors_numpy.save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "np"})
-    got = mc.read_safetensors(tmp_path / "x.safetensors")
+    got = weights.read_safetensors(tmp_path / "x.safetensors")
     assert set(got) == set(tensors)
     for k, v in tensors.items():
         assert got[k].shape == v.shape and np.array_equal(got[k], v.astype(got[k].dtype))
@@ -166,7 +167,7 @@ def test_safetensors_reader_matches_the_safetensors_package(tmp_path):
     bf = torch.randn(4, 5).to(torch.bfloat16)
     safetensors_torch = reference("safetensors.torch")
     safetensors_torch.save_file({"w": bf}, str(tmp_path / "bf16.safetensors"))
-    assert np.array_equal(mc.read_safetensors(tmp_path / "bf16.safetensors")["w"], bf.float().numpy())
+    assert np.array_equal(weights.read_safetensors(tmp_path / "bf16.safetensors")["w"], bf.float().numpy())
 
 
 def test_adamw_matches_torch_over_several_steps():

@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 import miniclip as mc
+import weights
 import train
 import zeroshot
 from conftest import zeroshot_probabilities
@@ -27,7 +28,7 @@ def test_short_tiny_run_end_to_end(tmp_path, capsys):
     assert train.main(["--tiny", "--steps", "8", *SMALL, "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert "step     8/8 | loss" in log and "zeroshot_top1" in log and "img/s" in log and "ETA" in log
-    params, cfg, meta, extra = mc.load_checkpoint(out)
+    params, cfg, meta, extra = weights.load_checkpoint(out)
     assert meta["step"] == 8 and len(meta["labels"]) == 48 and meta["templates"]
     assert len(meta["held_out_pairs"]) == 12 and set(extra) == {f"adam.{m}.{k}" for m in "mv" for k in params}
     records = [json.loads(line) for line in open(tmp_path / "tiny.metrics.jsonl")]
@@ -40,9 +41,9 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     args = ["--tiny", "--steps", "6", *SMALL]
     assert train.main(args + ["--out", str(tmp_path / "a.npz")]) == 0
     assert train.main(args + ["--out", str(tmp_path / "b.npz"), "--stop-at", "3"]) == 0
-    assert mc.load_checkpoint(tmp_path / "b.npz")[2]["step"] == 3
+    assert weights.load_checkpoint(tmp_path / "b.npz")[2]["step"] == 3
     assert train.main(["--resume", str(tmp_path / "b.npz"), "--out", str(tmp_path / "b.npz")]) == 0
-    a, b = mc.load_checkpoint(tmp_path / "a.npz"), mc.load_checkpoint(tmp_path / "b.npz")
+    a, b = weights.load_checkpoint(tmp_path / "a.npz"), weights.load_checkpoint(tmp_path / "b.npz")
     assert a[2]["step"] == b[2]["step"] == 6
     for k in a[0]:
         assert np.array_equal(a[0][k], b[0][k]), k
@@ -53,7 +54,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 def test_deterministic_for_a_seed(tmp_path):
     for name in "xy":
         assert train.main(["--tiny", "--steps", "2", *SMALL, "--out", str(tmp_path / f"{name}.npz")]) == 0
-    x, y = mc.load_checkpoint(tmp_path / "x.npz")[0], mc.load_checkpoint(tmp_path / "y.npz")[0]
+    x, y = weights.load_checkpoint(tmp_path / "x.npz")[0], weights.load_checkpoint(tmp_path / "y.npz")[0]
     assert all(np.array_equal(x[k], y[k]) for k in x)
 
 
@@ -76,7 +77,7 @@ def test_csv_training(tmp_path, capsys):
     assert "9 training pairs, 1 validation pairs" in capsys.readouterr().out
     tok_prefix = tmp_path / "tok"
     from bpe import from_list
-    from_list(mc.load_checkpoint(out)[2]["tokenizer"]).save(tok_prefix)
+    from_list(weights.load_checkpoint(out)[2]["tokenizer"]).save(tok_prefix)
     # Fine-tune from those weights, with the tokenizer given as a file.
     assert train.main(["--data", csv_path, "--steps", "2", "--batch-size", "4", "--init", str(out),
                        "--tokenizer", f"{tok_prefix}.bpe", "--out", str(tmp_path / "ft.npz")]) == 0
@@ -88,7 +89,7 @@ def test_csv_training(tmp_path, capsys):
     assert "10 training pairs, 0 validation pairs" in capsys.readouterr().out
     assert train.main(["--resume", str(part), "--out", str(part)]) == 0
     assert "10 training pairs, 0 validation pairs" in capsys.readouterr().out
-    assert mc.load_checkpoint(part)[2]["step"] == 4
+    assert weights.load_checkpoint(part)[2]["step"] == 4
 
     # A model trained on captions has no labels: zeroshot.py asks for them.
     p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), str(tmp_path / "img" / "0.png"),
@@ -147,7 +148,7 @@ def test_resume_saves_back_into_the_file_it_resumed(tmp_path):
     out = str(tmp_path / "c.npz")
     assert train.main(["--tiny", *SMALL, "--steps", "2", "--stop-at", "1", "--out", out]) == 0
     assert train.main(["--resume", out]) == 0
-    assert mc.load_checkpoint(out)[2]["step"] == 2
+    assert weights.load_checkpoint(out)[2]["step"] == 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
@@ -172,7 +173,7 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in rest and "resume with" in rest
-    step = mc.load_checkpoint(out)[2]["step"]
+    step = weights.load_checkpoint(out)[2]["step"]
     assert 1 <= step < 100000
 
 
@@ -278,12 +279,12 @@ def test_init_with_another_image_size(tmp_path, capsys):
     """--init's weights decide the image size; the data is cut to fit them, whatever --preset says."""
     small = tmp_path / "small.npz"
     assert train.main(["--tiny", *SMALL, "--steps", "1", "--out", str(small)]) == 0
-    params, cfg, meta, _ = mc.load_checkpoint(small)
+    params, cfg, meta, _ = weights.load_checkpoint(small)
     cfg48 = dataclasses.replace(cfg, image_size=48)
-    mc.save_weights(tmp_path / "w48.npz", mc.init_params(cfg48), cfg48, meta={"tokenizer": meta["tokenizer"]})
+    weights.save_weights(tmp_path / "w48.npz", mc.init_params(cfg48), cfg48, meta={"tokenizer": meta["tokenizer"]})
     assert train.main([*SMALL, "--steps", "1", "--init", str(tmp_path / "w48.npz"),
                        "--out", str(tmp_path / "c.npz")]) == 0
-    assert mc.load_checkpoint(tmp_path / "c.npz")[1].image_size == 48
+    assert weights.load_checkpoint(tmp_path / "c.npz")[1].image_size == 48
 
 
 def test_the_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
@@ -292,7 +293,7 @@ def test_the_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", out_of_memory)
     with pytest.raises(MemoryError):
         train.main(["--tiny", *SMALL, "--steps", "8", "--out", str(tmp_path / "c.npz")])
-    assert mc.load_checkpoint(tmp_path / "c.npz")[2]["step"] == 4
+    assert weights.load_checkpoint(tmp_path / "c.npz")[2]["step"] == 4
 
 
 def test_recall_in_blocks_equals_the_whole_matrix(monkeypatch):
@@ -315,7 +316,7 @@ def test_shards_train_and_resume_exactly_with_any_workers(tmp_path, capsys):
     assert "20 training pairs, 4 validation pairs" in capsys.readouterr().out
     assert train.main([*args, "--workers", "2", "--stop-at", "4", "--out", str(tmp_path / "b.npz")]) == 0
     assert train.main(["--resume", str(tmp_path / "b.npz"), "--workers", "1"]) == 0
-    a, b = mc.load_checkpoint(tmp_path / "a.npz"), mc.load_checkpoint(tmp_path / "b.npz")
+    a, b = weights.load_checkpoint(tmp_path / "a.npz"), weights.load_checkpoint(tmp_path / "b.npz")
     assert a[2]["step"] == b[2]["step"] == 6
     assert all(np.array_equal(a[0][k], b[0][k]) for k in a[0]) and all(np.array_equal(a[3][k], b[3][k]) for k in a[3])
 
@@ -324,12 +325,12 @@ def test_training_clamps_the_logit_scale_after_each_step(tmp_path):
     """Weights whose t = 5 > ln 100 (the loss does not clamp): after one step, t is ln 100."""
     start = tmp_path / "start.npz"
     assert train.main(["--tiny", *SMALL, "--steps", "1", "--out", str(start)]) == 0
-    params, cfg, meta, _ = mc.load_checkpoint(start)
+    params, cfg, meta, _ = weights.load_checkpoint(start)
     params["logit_scale"] = np.array(5.0, dtype=np.float32)
-    mc.save_weights(tmp_path / "hot.npz", params, cfg, meta={"tokenizer": meta["tokenizer"]})
+    weights.save_weights(tmp_path / "hot.npz", params, cfg, meta={"tokenizer": meta["tokenizer"]})
     assert train.main([*SMALL, "--steps", "1", "--init", str(tmp_path / "hot.npz"),
                        "--out", str(tmp_path / "c.npz")]) == 0
-    assert float(mc.load_checkpoint(tmp_path / "c.npz")[0]["logit_scale"]) == pytest.approx(np.log(100))
+    assert float(weights.load_checkpoint(tmp_path / "c.npz")[0]["logit_scale"]) == pytest.approx(np.log(100))
 
 
 # The linear probe: its objective's gradient, and its solutions against scikit-learn's.
@@ -396,7 +397,7 @@ def test_a_fixed_temperature_stays_fixed_and_is_the_one_used(tmp_path):
                           if "logit_scale" in r]
     fixed = scale("fixed")                                   # exp of log 20 held in float32
     assert fixed == [fixed[0]] * 4 and abs(fixed[0] - 20) < 1e-5 and len(set(scale("learned"))) == 4
-    params, _, meta, _ = mc.load_checkpoint(tmp_path / "fixed.npz")
+    params, _, meta, _ = weights.load_checkpoint(tmp_path / "fixed.npz")
     assert meta["step"] == 4 and float(params["logit_scale"]) == np.float32(np.log(20.0))
 
 
@@ -437,7 +438,7 @@ def test_bag_of_words_objective_trains_and_is_scored_by_label_words(tmp_path, ca
     losses = [r["loss"] for r in records if "loss" in r]
     assert np.mean(losses[-3:]) < losses[0] - 0.3
     assert [set(r["eval"]) for r in records if "eval" in r] == [{"zeroshot_top1", "zeroshot_top5"}]
-    params, cfg, _, _ = mc.load_checkpoint(out)
+    params, cfg, _, _ = weights.load_checkpoint(out)
     assert cfg.objective == "bow" and params["bow.weight"].shape == (cfg.vocab_size, cfg.embed_dim)
     assert "try: python zeroshot.py" not in capsys.readouterr().out
     p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), str(next((tmp_path / "samples").iterdir())),
@@ -469,7 +470,7 @@ def test_any_model_shape_from_flags_and_a_json_file(tmp_path, capsys):
     assert train.main(["--data", csv_path, "--steps", "1", "--batch-size", "4", "--workers", "0", "--val-frac", "0",
                        "--model-config", str(tmp_path / "shape.json"), "--vision-width", "48", "--vision-heads", "4",
                        "--text-mlp-width", "200", "--activation", "gelu", "--out", str(out)]) == 0
-    cfg = mc.load_checkpoint(out)[1]
+    cfg = weights.load_checkpoint(out)[1]
     assert (cfg.image_size, cfg.vision_layers, cfg.vision_width, cfg.vision_heads, cfg.text_mlp, cfg.vision_mlp,
             cfg.activation) == (48, 1, 48, 4, 200, 192, "gelu")
     for flags, message in [(["--vision-width", "100"], "vision_width 100 does not split into 3 heads"),

@@ -14,6 +14,7 @@ from PIL import Image
 import bpe
 import data
 import miniclip as mc
+import weights
 import train
 from conftest import zeroshot_probabilities
 
@@ -69,7 +70,7 @@ def test_ensembling_matches_the_definition(tiny, sample):
             "--template", templates[0], "--template", templates[1])
     got = {d["label"]: d["prob"] for d in json.loads(p.stdout)["predictions"]}
 
-    params, cfg, meta, _ = mc.load_checkpoint(tiny / "tiny.npz")
+    params, cfg, meta, _ = weights.load_checkpoint(tiny / "tiny.npz")
     tok = bpe.from_list(meta["tokenizer"])
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     classes = []

@@ -160,18 +160,24 @@ def center_crop(images, size):
 
 
 class Progress:
-    """Prints `message: done/total (seconds)` every 5 seconds of a long phase, and when it ends; a short phase prints nothing."""
+    """
+    Prints `message: done/total (seconds, rate/s, ETA)` every 5 seconds of a long phase, and when it
+    ends; a short phase prints nothing. To stdout, or to `file` (zeroshot.py keeps stdout for answers).
+    """
 
-    def __init__(self, message, total=None):
-        self.message, self.total, self.t0, self.last = message, total, time.time(), time.time()
+    def __init__(self, message, total=None, file=None):
+        self.message, self.total, self.file, self.t0, self.last = message, total, file, time.time(), time.time()
         self.shown = False
 
     def update(self, done):
         now = time.time()
         if now - self.last >= 5 or (done == self.total and self.shown):
             self.last, self.shown = now, True
+            elapsed = now - self.t0
             of = f"/{self.total:,}" if self.total else ""
-            print(f"{self.message}: {done:,}{of} ({now - self.t0:.0f}s)", flush=True)
+            rate = f", {done / elapsed:,.0f}/s" if elapsed > 0 else ""
+            eta = f", ETA {(self.total - done) * elapsed / done:.0f}s" if self.total and 0 < done < self.total else ""
+            print(f"{self.message}: {done:,}{of} ({elapsed:.0f}s{rate}{eta})", file=self.file or sys.stdout, flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -13,8 +13,12 @@ ranked by the same logits, the softmax now taken over the images (transformers' 
 """
 import argparse
 import json
+import multiprocessing
 import os
 import sys
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import miniclip as mc  # first: it makes OpenBLAS's settings before NumPy loads (mc.cpu_settings)
 import numpy as np
@@ -118,22 +122,56 @@ def check_embeddings_path(path):
         raise UserError(f"--save-embeddings {path}: cannot write there")
 
 
-def embed_images(params, cfg, paths, preprocessing, batch_size):
+def decode_images(paths, preprocessing):
+    """
+    Runs in a worker process (or here): each image opened, resized and center-cropped as the model's
+    preprocessing says. Returns (the paths that decoded, their pixels (n, crop, crop, 3) uint8, an
+    error line for each that did not).
+    """
+    size, crop, _, _ = preprocessing
+    good, crops, errors = [], [], []
+    for path in paths:
+        try:
+            crops.append(np.asarray(mc.resize_and_crop(mc.open_image(path), size, crop)))
+            good.append(path)
+        except ValueError as e:
+            errors.append(f"error: {path}: {e}")
+    return good, np.stack(crops) if crops else np.zeros((0, crop, crop, 3), np.uint8), errors
+
+
+def decoded_batches(paths, preprocessing, batch_size, workers):
+    """decode_images of each batch of paths, in order: decoded by `workers` background processes, at
+    most two batches each ahead of the one being encoded, so decoding overlaps encoding; or, with no
+    workers, here, one batch after another."""
+    chunks = (paths[i:i + batch_size] for i in range(0, len(paths), batch_size))
+    if not workers or len(paths) <= batch_size:                 # one batch: starting workers costs more
+        yield from (decode_images(chunk, preprocessing) for chunk in chunks)
+        return
+    ctx = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=data.ignore_interrupts) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(decode_images, chunk, preprocessing))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def embed_images(params, cfg, paths, preprocessing, batch_size, workers):
     """
     Yield (paths, unit image embeddings (n, E)) a batch at a time. An image that cannot be read gets
-    one line on stderr and is left out; the others go on.
+    one line on stderr and is left out; the others go on. A long run shows its progress on stderr.
     """
-    size, crop, mean, std = preprocessing
-    for start in range(0, len(paths), batch_size):
-        good, pixels = [], []
-        for path in paths[start:start + batch_size]:
-            try:
-                pixels.append(mc.preprocess(mc.open_image(path), size, crop, mean, std))
-                good.append(path)
-            except ValueError as e:
-                print(f"error: {path}: {e}", file=sys.stderr)
+    _, _, mean, std = preprocessing
+    shown, done = data.Progress("images", len(paths), file=sys.stderr), 0
+    for good, crops, errors in decoded_batches(paths, preprocessing, batch_size, workers):
+        for line in errors:
+            print(line, file=sys.stderr)
         if good:
-            yield good, mc.l2_normalize(mc.encode_image(params, cfg, mc.to_device(np.stack(pixels))))
+            yield good, mc.l2_normalize(mc.encode_image(params, cfg, mc.to_device(mc.normalize_pixels(crops, mean, std))))
+        done += len(good) + len(errors)
+        shown.update(done)
 
 
 def classify(batches, classes, scale, labels, args):
@@ -325,7 +363,8 @@ def main(argv=None):
     p.add_argument("--test", action="append", metavar="CSV",
                    help="score a labeled CSV (filepath, title, label) instead: zero-shot top-1 and top-5 among its "
                         "labels (or --labels/--labels-file's) and retrieval recall; repeat for more")
-    p.add_argument("--workers", type=int, default=2, help="--test: processes decoding images (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="processes decoding images while the model encodes (default 2; 0: "
+                                                           "decode in this process)")
     p.add_argument("--template", action="append",
                    help='a prompt template with {} for the label; repeat to ensemble (default: the '
                         f'checkpoint\'s, or "{DEFAULT_TEMPLATE}")')
@@ -380,14 +419,18 @@ def main(argv=None):
         return 1
     scale = mc.logit_scale_value(params)
 
-    batches = embed_images(params, cfg, paths, preprocessing, args.batch_size)
+    batches = embed_images(params, cfg, paths, preprocessing, args.batch_size, args.workers)
     if not args.query:
         batches = classify(batches, text_embeddings, scale, texts, args)
     kept, embeddings = [], []
-    for good, img in batches:
-        kept += good
-        if args.query or args.save_embeddings:                  # else nothing is kept: any number of images
-            embeddings.append(mc.to_numpy(img).astype(np.float32))
+    try:
+        for good, img in batches:
+            kept += good
+            if args.query or args.save_embeddings:              # else nothing is kept: any number of images
+                embeddings.append(mc.to_numpy(img).astype(np.float32))
+    except BrokenProcessPool:
+        print("error: a decoding worker process died (out of memory?); try fewer --workers, or 0", file=sys.stderr)
+        return 1
     images = np.concatenate(embeddings) if embeddings else np.zeros((0, cfg.embed_dim), np.float32)
     if args.query and kept:
         retrieve(kept, mc.to_device(images), texts, text_embeddings, scale, args)

@@ -116,6 +116,33 @@ def test_bad_images_each_get_one_line_and_the_rest_are_answered(tiny, sample, tm
     assert [json.loads(line)["image"] for line in p.stdout.splitlines()] == [sample]
 
 
+def test_decoding_workers_answer_as_this_process_does(tiny, sample, tmp_path):
+    """Over several batches, with unreadable images among them: background decoding gives the same
+    answers, in the same order, and the same error lines, as decoding in the process."""
+    samples = sorted((tiny / "samples").iterdir())
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    paths = [*samples[:4], tmp_path / "empty.jpg", *samples[4:], tmp_path / "missing.png", samples[0]]
+    ck = tiny / "tiny.npz"
+    here = run(*paths, "--checkpoint", ck, "--json", "--batch-size", "3", "--workers", "0")
+    there = run(*paths, "--checkpoint", ck, "--json", "--batch-size", "3", "--workers", "2")
+    assert here.returncode == there.returncode == 1
+    assert len(here.stdout.splitlines()) == len(paths) - 2 and there.stdout == here.stdout
+    assert there.stderr == here.stderr and len(here.stderr.splitlines()) == 2, here.stderr
+
+
+def test_progress_shows_rate_and_eta_on_the_stream_it_is_given(monkeypatch):
+    """Every 5 s of a long phase: done of total, images/s and the time left; a short phase says nothing."""
+    import io
+    clock = iter([100.0, 100.0, 101.0, 106.0, 112.0])
+    monkeypatch.setattr(data.time, "time", lambda: next(clock))
+    out = io.StringIO()
+    shown = data.Progress("images", 1000, file=out)     # made at 100 s
+    shown.update(50)                                    # 101 s: too soon
+    shown.update(300)                                   # 106 s: 300 in 6 s
+    shown.update(1000)                                  # 112 s: the end
+    assert out.getvalue().splitlines() == ["images: 300/1,000 (6s, 50/s, ETA 14s)", "images: 1,000/1,000 (12s, 83/s)"]
+
+
 def test_odd_but_valid_images(tiny, tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)

@@ -75,3 +75,28 @@ def test_the_emoji_recipe_on_fake_packages(tmp_path, monkeypatch):
     monkeypatch.setattr(emoji_recipe, "run", no_training)
     emoji_recipe.main(args)
     assert json.load(open(tmp_path / "results" / "results.json")) == results
+
+
+def test_claims_give_the_verdict_the_numbers_say():
+    """Made-up results over 3 seeds, where each verdict is known: a clear win, a clear loss, a tie within
+    the seeds' spread, and the robustness claim, which compares drops (smaller is better)."""
+    def run(arm, seed, **final):
+        return {"arm": arm, "seed": seed, "final": final, "flops": 1.0}
+    results = []
+    for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
+        results += [run("base", seed, **{"zero-shot": 0.6 + jitter, "prompt: one template": 0.5 + jitter,
+                                          "prompt: bare label": 0.55 + jitter, "all pairs": 0.5 + jitter,
+                                          "all pairs outline": 0.45 + jitter, "probe 16-shot": 0.7 + jitter,
+                                          "probe 16-shot outline": 0.4 + jitter, "count": 0.9, "binding": 0.5,
+                                          "relation": 0.5 + jitter,
+                                          **{f"probe {k}-shot": 0.1 * i + jitter for i, k in enumerate(paper.SHOTS) if k != 16}}),
+                    run("bow", seed, **{"zero-shot": 0.3 + jitter}),
+                    run("no crop", seed, **{"zero-shot": 0.605 + jitter})]
+    verdicts = {c["claim"]: c["verdict"] for c in paper.claims(results)}
+    assert verdicts["contrastive beats predictive"] == "holds"              # 0.6 against 0.3
+    assert verdicts["prompt engineering"] == "does not hold"                # one template 0.5 < bare 0.55
+    assert verdicts["prompt ensembling"] == "holds"                         # ensemble 0.6 > one template 0.5
+    assert verdicts["random crop helps"] == "within noise"                  # 0.005 apart, spread 0.02
+    assert verdicts["zero-shot is more robust to a shift"] == "holds"       # drops 0.05 against 0.3
+    assert verdicts["limitation: count"] == "does not hold"                 # counting is near perfect here
+    assert verdicts["limitation: binding"] == "holds"                       # binding at chance

@@ -1,4 +1,5 @@
 """The tokenizer: a worked example by hand, round trips, files, and parity with two references."""
+import functools
 import gzip
 import importlib.util
 import unicodedata
@@ -186,14 +187,16 @@ def openai_tokenizer(clip_vocab):
     return module.SimpleTokenizer(clip_vocab)
 
 
+@functools.cache
 def characters_ftfy_fixes():
-    """Every code point that one of ftfy's fixed rules (or NFC) changes when it stands alone."""
+    """Every code point that one of ftfy's fixed rules (or NFC) changes when it stands alone (a scan of
+    all 1.1 million, about 4 s: done once for the tests that use it)."""
     ftfy_fixes = reference("ftfy.fixes")
     rules = [ftfy_fixes.unescape_html, ftfy_fixes.fix_c1_controls, ftfy_fixes.fix_latin_ligatures,
              ftfy_fixes.fix_character_width, ftfy_fixes.uncurl_quotes, ftfy_fixes.fix_line_breaks,
              ftfy_fixes.fix_surrogates, ftfy_fixes.remove_terminal_escapes, ftfy_fixes.remove_control_chars,
              lambda t: unicodedata.normalize("NFC", t)]
-    return [chr(c) for c in range(0x110000) if any(rule(chr(c)) != chr(c) for rule in rules)]
+    return tuple(chr(c) for c in range(0x110000) if any(rule(chr(c)) != chr(c) for rule in rules))
 
 
 def test_fix_text_equals_ftfy_on_every_character_it_fixes():

@@ -1,5 +1,5 @@
 """
-The CLIP paper's findings, measured in miniature on the scenes world of data.py (one to three shapes,
+The CLIP paper's findings, measured in miniature on the scenes world (experiments/scenes.py) (one to three shapes,
 captions that count, bind colors to shapes and relate left to right; 12 color-shape pairs never seen
 in training; an outline style seen only in testing).
 
@@ -32,6 +32,8 @@ import bpe                                              # noqa: E402
 import data                                             # noqa: E402
 import train                                            # noqa: E402
 import zeroshot                                         # noqa: E402
+import probe                                            # noqa: E402
+import scenes                                           # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE = 48                                              # 6 x 6 patches of 8: room for three shapes side by side
@@ -88,15 +90,15 @@ def train_flops(cfg, images):
 
 def world(seed, scale):
     """The training scenes, tokenizer, held-out pairs and tests of one seed, drawn the same in every process."""
-    pairs, held = data.scenes_world(scale.n_train, seed, IMAGE)
+    pairs, held = scenes.scenes_world(scale.n_train, seed, IMAGE)
     tok = bpe.learn(pairs.captions, 1024)
     train_pairs = [p for p in ((c, s) for c in data.COLORS for s in data.SHAPES) if p not in held]
     all_pairs = train_pairs + held
-    tests = {"held": data.scene_tests(scale.n_test, seed, IMAGE, "solid", held),
-             "held outline": data.scene_tests(scale.n_test, seed + 100, IMAGE, "outline", held),
-             "all": data.scene_tests(scale.n_test, seed + 200, IMAGE, "solid", all_pairs),
-             "all outline": data.scene_tests(scale.n_test, seed + 300, IMAGE, "outline", all_pairs),
-             "probe pool": data.scene_tests(scale.probe_pool, seed + 400, IMAGE, "solid", all_pairs, ("color_shape",))}
+    tests = {"held": scenes.scene_tests(scale.n_test, seed, IMAGE, "solid", held),
+             "held outline": scenes.scene_tests(scale.n_test, seed + 100, IMAGE, "outline", held),
+             "all": scenes.scene_tests(scale.n_test, seed + 200, IMAGE, "solid", all_pairs),
+             "all outline": scenes.scene_tests(scale.n_test, seed + 300, IMAGE, "outline", all_pairs),
+             "probe pool": scenes.scene_tests(scale.probe_pool, seed + 400, IMAGE, "solid", all_pairs, ("color_shape",))}
     return pairs, tok, tests
 
 
@@ -143,7 +145,7 @@ def evaluate(params, cfg, tok, tests, full):
     Xs, Xo = (image_features(params, cfg, t["images"], unit=False) for t in (test_solid, test_outline))
     for k in SHOTS:
         pick = np.concatenate([np.flatnonzero(y == c)[:k] for c in np.unique(y)])
-        predicted = train.linear_probe(X[pick], y[pick], np.concatenate([Xs, Xo]))
+        predicted = probe.linear_probe(X[pick], y[pick], np.concatenate([Xs, Xo]))
         out[f"probe {k}-shot"] = float((predicted[:len(Xs)] == test_solid["answers"]).mean())
         out[f"probe {k}-shot outline"] = float((predicted[len(Xs):] == test_outline["answers"]).mean())
     return out

@@ -26,7 +26,8 @@ def python(code, **env):
                                    "benchmarks/bench.py", "benchmarks/data_loading.py", "benchmarks/activation_memory.py"])
 def test_every_entry_point_makes_the_settings_before_numpy_loads(entry):
     """Importing the program sets OpenBLAS's thread timeout, and NumPy was not loaded before it was set."""
-    load = f"import runpy; runpy.run_path({entry!r}, run_name='probe')" if entry.endswith(".py") else f"import {entry}"
+    load = (f"import runpy; sys.path.insert(0, {os.path.dirname(entry)!r}); runpy.run_path({entry!r}, run_name='probe')"
+            if entry.endswith(".py") else f"import {entry}")        # a script's folder is on its path, as python FILE does
     code = ("import builtins, os, sys\n"
             "real = builtins.__import__\n"
             "def spy(name, *a, **k):\n"

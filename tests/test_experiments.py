@@ -13,6 +13,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import paper                                            # noqa: E402
+import probe                                            # noqa: E402
+import scenes                                           # noqa: E402
 
 TINY = paper.Scale(seeds=(0,), images_seen=2 * 32, n_train=200, n_test=20, probe_pool=96)
 
@@ -100,3 +102,106 @@ def test_claims_give_the_verdict_the_numbers_say():
     assert verdicts["zero-shot is more robust to a shift"] == "holds"       # drops 0.05 against 0.3
     assert verdicts["limitation: count"] == "does not hold"                 # counting is near perfect here
     assert verdicts["limitation: binding"] == "holds"                       # binding at chance
+
+
+# The scenes world (experiments/scenes.py).
+
+def test_scenes_never_show_a_held_out_pair_in_training():
+    train_set, held = scenes.scenes_world(3000, seed=0, image_size=32)
+    assert len(held) == 12
+    seen = {obj for key in train_set.keys for obj in key}
+    assert seen and not seen & set(held)
+    for color, kind in held:                                   # nor does any caption name one
+        assert not any(f"{color} {kind}" in c or f"{color} {scenes.plural(kind)}" in c for c in train_set.captions)
+    kinds = {("count" if len(set(k)) == 1 else "pair", len(k)) for k in train_set.keys}
+    assert kinds == {("count", 1), ("count", 2), ("count", 3), ("pair", 2)}
+
+
+def test_scene_captions_say_what_is_drawn():
+    rng = np.random.default_rng(0)
+    assert scenes.scene_caption(rng, [("red", "cross")] * 3).endswith("three red crosses")
+    for _ in range(20):
+        c = scenes.scene_caption(rng, [("red", "circle"), ("blue", "star")])
+        assert "red circle" in c and "blue star" in c
+        assert "blue star left of" not in c and "red circle right of" not in c   # the red circle is on the left
+
+
+def test_scene_objects_sit_left_to_right_and_outlines_are_hollow():
+    rng = np.random.default_rng(1)
+    solid = scenes.draw_scene(rng, [("red", "square"), ("blue", "square")], 72).astype(int)
+    red = solid[:, :, 0] - solid[:, :, 2] > 100
+    blue = solid[:, :, 2] - solid[:, :, 0] > 100
+    assert np.nonzero(red)[1].max() < np.nonzero(blue)[1].min()                # red entirely left of blue
+    rng = np.random.default_rng(1)
+    outline = scenes.draw_scene(rng, [("white", "circle")], 72, "outline").astype(int)
+    rng = np.random.default_rng(1)
+    filled = scenes.draw_scene(rng, [("white", "circle")], 72, "solid").astype(int)
+    inside = filled.sum(axis=2) > 600                                          # the filled disc
+    ys, xs = np.nonzero(inside)
+    cy, cx = int(ys.mean()), int(xs.mean())
+    assert filled[cy, cx].sum() > 600 and outline[cy, cx].sum() < 300          # the outline's middle is background
+
+
+def test_scene_tests_have_one_right_answer_and_a_near_miss():
+    train_set, held = scenes.scenes_world(10, seed=0, image_size=32)
+    tests = scenes.scene_tests(30, 0, 32, "outline", held)
+    assert set(tests) == {"color_shape", "count", "binding", "relation"}
+    for name, t in tests.items():
+        assert len(t["images"]) == len(t["candidates"]) == len(t["answers"]) == 30
+        for options, answer in zip(t["candidates"], t["answers"]):
+            assert len(set(options)) == len(options) and 0 <= answer < len(options)
+    for options in tests["binding"]["candidates"]:            # the same words, colors swapped
+        assert sorted(options[0].split()) == sorted(options[1].split()) and options[0] != options[1]
+    assert all(len(o) == 48 for o in tests["color_shape"]["candidates"])
+
+
+# The linear probe: its objective's gradient, and its solutions against scikit-learn's.
+
+def probe_data(n=600, D=24, K=6, seed=0):
+    """Gaussian clusters that overlap: a probe gets most, not all, right."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, n)
+    return rng.standard_normal((K, D))[y] * 0.5 + rng.standard_normal((n, D)), y
+
+
+def test_probe_gradient():
+    from conftest import numerical_grad, rel_error
+    X, y = probe_data(40, 5, 3)
+    Y = np.eye(3)[y]
+    w = np.random.default_rng(1).standard_normal(5 * 3 + 3)
+    _, g = probe.probe_loss_and_grad(w, X, Y, 0.7)
+    num = numerical_grad(lambda: probe.probe_loss_and_grad(w, X, Y, 0.7)[0], w)
+    assert rel_error(g, num) < 1e-7
+
+
+@pytest.mark.parametrize("C", [1e-3, 0.1, 10.0])
+def test_probe_fit_equals_scikit_learn(C):
+    """The same convex objective, so the same minimum: weights to 1e-4 of their scale, the same predictions."""
+    from conftest import reference
+    linear_model = reference("sklearn.linear_model")
+    X, y = probe_data()
+    W, b = probe.fit_probe(X, y, 6, C)
+    ref = linear_model.LogisticRegression(C=C, max_iter=10_000, tol=1e-10).fit(X, y)
+    assert np.abs(W - ref.coef_.T).max() < 1e-4 * np.abs(ref.coef_).max()
+    assert np.array_equal((X @ W + b).argmax(axis=1), ref.predict(X))
+
+
+def test_linear_probe_accuracy_equals_scikit_learn():
+    """
+    The whole protocol (search C on a split, refit on all) against scikit-learn searching the same grid
+    on the same split: the same test accuracy within 1% (600 test points), and well above chance.
+    """
+    from conftest import reference
+    linear_model = reference("sklearn.linear_model")
+    X, y = probe_data(1200)
+    Xtr, ytr, Xte, yte = X[:600], y[:600], X[600:], y[600:]
+    ours = (probe.linear_probe(Xtr, ytr, Xte) == yte).mean()
+    order = np.random.default_rng(0).permutation(600)
+    val, fit = order[:120], order[120:]
+    scores = [linear_model.LogisticRegression(C=c, max_iter=10_000).fit(Xtr[fit], ytr[fit]).score(Xtr[val], ytr[val])
+              for c in probe.PROBE_CS]
+    best = probe.PROBE_CS[int(np.argmax(scores))]
+    ref = linear_model.LogisticRegression(C=best, max_iter=10_000).fit(Xtr, ytr).score(Xte, yte)
+    assert abs(ours - ref) <= 0.01 and ours > 0.6, (ours, ref)
+    labels = np.array(["cat", "dog", "car", "sky", "sea", "sun"])[ytr]       # any label values come back
+    assert set(probe.linear_probe(Xtr, labels, Xte[:20])) <= set(labels)

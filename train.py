@@ -351,13 +351,15 @@ def load_model(args):
     tok = bpe.load(args.tokenizer) if args.tokenizer else None
     if not args.init:
         return None, model_config(args), tok
-    params, cfg = weights.load_weights(args.init)
-    if tok is None:
-        if os.path.isdir(args.init) or ".safetensors" in args.init:
-            tok = bpe.load(weights.model_folder(args.init))
-        else:
-            tok = bpe.from_list(weights.load_checkpoint(args.init)[2]["tokenizer"])
-    return params, cfg, tok
+    if os.path.isdir(args.init) or ".safetensors" in args.init:    # a published model's folder or file
+        params, cfg = weights.load_weights(args.init)
+        return params, cfg, tok or bpe.load(weights.model_folder(args.init))
+    if not os.path.isfile(args.init):
+        raise UserError(f"{args.init}: no such file or directory")
+    params, cfg, meta, _ = weights.load_checkpoint(args.init)        # ours: weights and tokenizer, read once
+    if tok is None and "tokenizer" not in meta:
+        raise UserError(f"{args.init}: the checkpoint holds no tokenizer; give --tokenizer")
+    return {k: v.astype(np.float32) for k, v in params.items()}, cfg, tok or bpe.from_list(meta["tokenizer"])
 
 
 # A tokenizer learns its merges from at most this many captions, a seeded sample (--tiny's 24,000 are
@@ -417,10 +419,14 @@ def save_samples(folder, val, held, image_size):
     return written
 
 
-def optimizer(params, tc):
-    """AdamW with the run's weight decay. With --temperature T the logit scale is set to 1/T and never updated."""
+def fix_temperature(params, tc):
+    """With --temperature T, the logit scale is set to log(1/T) (and optimizer() keeps it there)."""
     if tc.temperature:
         params["logit_scale"] = mc.xp.asarray(math.log(1 / tc.temperature), dtype=params["logit_scale"].dtype)
+
+
+def optimizer(params, tc):
+    """AdamW with the run's weight decay; with --temperature, the logit scale frozen."""
     return mc.AdamW(params, weight_decay=tc.weight_decay, frozen=("logit_scale",) if tc.temperature else ())
 
 
@@ -457,6 +463,7 @@ def setup(args):
     if tok.vocab_size != cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
     params = mc.to_device(params)
+    fix_temperature(params, tc)
     opt = optimizer(params, tc)
     if args.resume:
         opt.m = mc.to_device({k: extra[f"adam.m.{k}"] for k in params})

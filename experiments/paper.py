@@ -160,6 +160,7 @@ def run(name, settings, seed, scale, evaluations=4):
     tc = train.TrainConfig(steps=steps, batch_size=B, lr=2e-3 * math.sqrt(B / 128), warmup=max(1, steps // 15),
                            seed=seed, temperature=settings["temperature"], random_crop=settings["crop"])
     params = mc.to_device(mc.init_params(cfg, seed=seed))
+    train.fix_temperature(params, tc)
     opt = train.optimizer(params, tc)
     slack, t0, curve = data.load_size(IMAGE) - IMAGE, time.time(), []
     plan = (data.batch_plan(s, len(pairs), B, seed, slack, tc.random_crop) for s in range(steps))

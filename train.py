@@ -76,6 +76,7 @@ class Run:
     templates: list
     held: list                    # --tiny: the held-out color-shape pairs
     fingerprint: str              # of the training data, so that --resume can tell it is the same
+    data_args: dict               # the data options (DATA_ARGS), saved so that --resume reads the same data
     step: int = 0                 # optimizer steps taken
 
 
@@ -112,7 +113,7 @@ def train_loop(args, run, group=None):
 
     def save():
         if lead:
-            save_checkpoint(out, run, {k: getattr(args, k) for k in DATA_ARGS})
+            save_checkpoint(out, run)
 
     # Ctrl-C or SIGTERM ends the run after the step in progress, so the saved state is consistent.
     # A second Ctrl-C stops at once, without saving (main() reports it). In a data-parallel run the
@@ -133,7 +134,7 @@ def train_loop(args, run, group=None):
             idx, offsets = data.batch_plan(s, len(train_set), tc.batch_size, tc.seed, slack, tc.random_crop)
             yield idx[shard], offsets[shard]
 
-    loader = data.Loader(cfg.image_size, args.workers, skip_bad=args.skip_bad)
+    loader = data.Loader(cfg.image_size, args.workers, skip_bad=run.data_args["skip_bad"])
     batches = loader.batches(train_set, plan())
     t_start, seen, t_log, waited = time.time(), 0, time.time(), 0.0
     stopping = False
@@ -205,12 +206,12 @@ def batch_inputs(crops, captions, tok, cfg):
     return mc.to_device(mc.normalize_pixels(crops)), mc.to_device(trim(ids))
 
 
-def save_checkpoint(path, run, data_args):
+def save_checkpoint(path, run):
     """Everything a resumed run needs (optimizer moments, step, the data's fingerprint), and zeroshot.py too."""
     opt = run.opt
     meta = {"tokenizer": run.tok.to_list(), "labels": run.labels, "templates": run.templates,
             "held_out_pairs": [" ".join(p) for p in run.held], "train_config": dataclasses.asdict(run.tc),
-            "data_args": data_args, "data_fingerprint": run.fingerprint, "step": run.step, "adam_t": opt.t}
+            "data_args": run.data_args, "data_fingerprint": run.fingerprint, "step": run.step, "adam_t": opt.t}
     extra = {**{f"adam.m.{k}": v for k, v in opt.m.items()}, **{f"adam.v.{k}": v for k, v in opt.v.items()}}
     weights.save_weights(path, run.params, run.cfg, meta=meta, extra=extra)
 
@@ -431,8 +432,10 @@ def optimizer(params, tc):
 
 
 def setup(args):
-    """Everything the loop needs, fresh or from --resume: the Run. Reads files, writes none."""
+    """Everything the loop needs, fresh or from --resume: the Run. Reads files, writes none, and leaves
+    args as they were (a resumed run's data options are the saved ones, in a copy)."""
     check_args(args)
+    args = argparse.Namespace(**vars(args))
     if args.resume:
         params, cfg, meta, extra = weights.load_checkpoint(args.resume)
         if "adam_t" not in meta:
@@ -471,8 +474,8 @@ def setup(args):
         opt.t = meta["adam_t"]
         print(f"resumed from {args.resume} at step {meta['step']}")
     return Run(tc=tc, train_set=train_set, val=val, labels=labels, templates=templates, held=held,
-               fingerprint=fingerprint, params=params, cfg=cfg, tok=tok, opt=opt,
-               step=meta["step"] if args.resume else 0)
+               fingerprint=fingerprint, data_args={k: getattr(args, k) for k in DATA_ARGS}, params=params,
+               cfg=cfg, tok=tok, opt=opt, step=meta["step"] if args.resume else 0)
 
 
 def run_training(args, group=None):

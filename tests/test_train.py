@@ -434,3 +434,15 @@ def test_any_model_shape_from_flags_and_a_json_file(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"image_size": 48, "depth": 3}))
     assert train.main(["--data", csv_path, "--model-config", str(tmp_path / "bad.json")]) == 1
     assert "not depth" in capsys.readouterr().err
+
+
+def test_setup_leaves_the_arguments_as_given(tmp_path):
+    """--resume reads the data options the run was saved with into the Run, not into the caller's args."""
+    ck = tmp_path / "t.npz"
+    assert train.main(["--tiny", "--steps", "2", "--n-train", "64", "--n-eval", "48", "--batch-size", "16",
+                       "--template", "a {} shape", "--out", str(ck)]) == 0
+    args = train.parse_args(["--resume", str(ck), "--steps", "3"])
+    before = dict(vars(args))
+    run = train.setup(args)
+    assert vars(args) == before and args.template is None
+    assert run.data_args["template"] == ["a {} shape"] and run.step == 2

@@ -618,16 +618,17 @@ def preprocessor_config(cfg):
             "image_std": list(mc.CLIP_STD), "do_convert_rgb": True}
 
 
+SPECIAL_TOKENS = {"bos_token": bpe.SOT, "eos_token": bpe.EOT, "unk_token": bpe.EOT, "pad_token": bpe.EOT}
+
+
 def tokenizer_config(cfg):
     """tokenizer_config.json: CLIPTokenizer's special tokens, and the model's context as its length."""
     return {"tokenizer_class": "CLIPTokenizer", "model_max_length": cfg.context_length, "do_lower_case": True,
-            "bos_token": bpe.SOT, "eos_token": bpe.EOT, "unk_token": bpe.EOT, "pad_token": bpe.EOT,
-            "errors": "replace"}
+            **SPECIAL_TOKENS, "errors": "replace"}
 
 
 def write_json(path, obj):
-    with atomic_file(path) as f:
-        f.write((json.dumps(obj, indent=2) + "\n").encode())
+    bpe.write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def export(checkpoint, out, layout="hf"):
@@ -664,8 +665,7 @@ def export(checkpoint, out, layout="hf"):
             write_json(os.path.join(tmp, OPEN_CLIP_FILES[1]), open_clip_config(cfg))
         tok.save_hf(tmp)
         write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config(cfg))
-        write_json(os.path.join(tmp, "special_tokens_map.json"),
-                   {"bos_token": bpe.SOT, "eos_token": bpe.EOT, "unk_token": bpe.EOT, "pad_token": bpe.EOT})
+        write_json(os.path.join(tmp, "special_tokens_map.json"), SPECIAL_TOKENS)
         if os.path.isdir(out):
             os.rmdir(out)                               # empty, checked above
         os.rename(tmp, out)

@@ -7,11 +7,10 @@ Where an image encoding's time goes, layer by layer, against the machine's sgemm
 Each of miniclip's layer functions is wrapped with a timer for the run; a layer's time is its own,
 the layers it calls left out (attention's time is without its two linear layers). The matrix products'
 rate is counted from their shapes (2 flops per multiply-add) as a share of NumPy's sgemm on 2048 x 2048
-matrices, measured in the same run; the median of --repeats encodings after a warm-up.
+matrices (bench.py's), measured in the same run; the median of --repeats encodings after a warm-up.
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -20,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import miniclip as mc  # noqa: E402  before NumPy: it makes OpenBLAS's settings (mc.cpu_settings)
 import numpy as np  # noqa: E402
+from bench import sgemm_peak, timed  # noqa: E402
 
 LAYERS = ("linear_forward", "layernorm_forward", "quickgelu_forward", "gelu_forward", "attention_forward",
           "patchify", "embed_image_forward", "l2_normalize")
@@ -61,19 +61,8 @@ def main():
     cfg = mc.PRESETS[args.preset]
     params = mc.init_params(cfg)
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
-    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
-    a @ a
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ a
-    peak = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
-
-    mc.encode_image(params, cfg, pixels)                # warm-up, untimed
-    plain = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        mc.encode_image(params, cfg, pixels)
-        plain.append(time.perf_counter() - t0)
+    peak = sgemm_peak()
+    plain = timed(lambda: mc.encode_image(params, cfg, pixels), args.repeats)      # after a warm-up
     spent, flops = instrument()
     runs = []
     for _ in range(args.repeats):
@@ -83,8 +72,8 @@ def main():
         mc.encode_image(params, cfg, pixels)
         runs.append((time.perf_counter() - t0, dict(spent), dict(flops)))
     total, spent, flops = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-    print(f"{args.preset}, batch {args.batch}: {statistics.median(plain) * 1e3:.0f} ms an encoding "
-          f"({args.batch / statistics.median(plain):.1f} img/s; {total * 1e3:.0f} ms with the timers); "
+    print(f"{args.preset}, batch {args.batch}: {plain * 1e3:.0f} ms an encoding "
+          f"({args.batch / plain:.1f} img/s; {total * 1e3:.0f} ms with the timers); "
           f"sgemm peak {peak:.0f} GFLOP/s\n")
     print("| layer | ms | share | GFLOP/s (% of peak) |")
     print("|---|---|---|---|")

@@ -37,7 +37,7 @@ if "numpy" not in sys.modules:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     LOCAL_PROCESSES = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
     if LOCAL_PROCESSES and not any(k in os.environ for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                            "MKL_NUM_THREADS")):
+                                                             "MKL_NUM_THREADS")):
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(LOCAL_PROCESSES)))
 
 import numpy  # noqa: E402

@@ -207,8 +207,8 @@ def retrieve(paths, images, queries, texts, scale, args):
 def save_embeddings(path, paths, images, text_key, texts, text_embeddings, scale):
     """One .npz, written whole or not at all: unit image and text embeddings with their paths and texts."""
     weights.write_npz(path, {"image_embeddings": images, "image_paths": np.array(paths, dtype=str),
-                        "text_embeddings": mc.to_numpy(text_embeddings), text_key: np.array(texts, dtype=str),
-                        "logit_scale": np.float64(scale)})
+                             "text_embeddings": mc.to_numpy(text_embeddings), text_key: np.array(texts, dtype=str),
+                             "logit_scale": np.float64(scale)})
 
 
 # -----------------------------------------------------------------------------
@@ -363,8 +363,8 @@ def main(argv=None):
     p.add_argument("--test", action="append", metavar="CSV",
                    help="score a labeled CSV (filepath, title, label) instead: zero-shot top-1 and top-5 among its "
                         "labels (or --labels/--labels-file's) and retrieval recall; repeat for more")
-    p.add_argument("--workers", type=int, default=2, help="processes decoding images while the model encodes (default 2; 0: "
-                                                           "decode in this process)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes decoding images while the model encodes (default 2; 0: decode in this process)")
     p.add_argument("--template", action="append",
                    help='a prompt template with {} for the label; repeat to ensemble (default: the '
                         f'checkpoint\'s, or "{DEFAULT_TEMPLATE}")')

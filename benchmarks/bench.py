@@ -295,7 +295,7 @@ def stdlib_text(n_bytes):
 TRICKS = {
     "glibc's default malloc (MINICLIP_MALLOC_DEFAULTS=1)": ("keeping freed memory", {"MINICLIP_MALLOC_DEFAULTS": "1"}),
     "OpenBLAS's threads left spinning (OPENBLAS_THREAD_TIMEOUT=28, its default)": ("letting BLAS threads sleep",
-                                                                                  {"OPENBLAS_THREAD_TIMEOUT": "28"}),
+                                                                                   {"OPENBLAS_THREAD_TIMEOUT": "28"}),
     "none of cpu_settings() (NumPy imported first, as a script of one's own may)": (
         "the CPU settings", {"MINICLIP_MALLOC_DEFAULTS": "1", "OPENBLAS_THREAD_TIMEOUT": "28"}),
     "every array in one piece (no by_rows threads)": ("by_rows", {"BENCH_ROWS_WHOLE": "1"}),

@@ -755,23 +755,25 @@ def bag_of_words(ids, vocab_size):
     return q / xp.maximum(q.sum(axis=1, keepdims=True), 1.0)
 
 
-def bow_loss_forward(feat, w, b, q):
+def cross_entropy_head_forward(feat, w, b, q):
     """
-    The paper's bag-of-words prediction baseline (its Figure 2): from an image's features, predict the
-    words of its caption, the order thrown away.
-        logits = feat w^T + b            (N, V)
-        loss = mean_i ( -sum_v q_iv log softmax(logits_i)_v )        q: bag_of_words of the captions
-    feat: (N, E)   w: (V, E)   b: (V,)   q: (N, V), rows summing to 1   ->   loss: float, cache
+    A linear head on features, and cross-entropy against a target distribution over its outputs.
+    The paper's bag-of-words baseline (its Figure 2) predicts a caption's words, q = bag_of_words
+    (the order thrown away); a supervised classifier (experiments/supervised.py) predicts a label,
+    q = one-hot.
+        logits = feat w^T + b            (N, K)
+        loss = mean_i ( -sum_k q_ik log softmax(logits_i)_k )
+    feat: (N, E)   w: (K, E)   b: (K,)   q: (N, K), rows summing to 1 (or 0)   ->   loss: float, cache
     """
     logits, lin = linear_forward(feat, w, b)
     logp = log_softmax(logits)
     return float(-(q * logp).sum(axis=1).mean()), (lin, logp, q)
 
 
-def bow_loss_backward(cache):
+def cross_entropy_head_backward(cache):
     """
-    With p = softmax(logits), d/dlogits of -sum_v q_v log p_v = -sum_v q_v (logits_v - logsumexp)
-    is p sum_v q_v - q: p - q for a caption's bag, 0 for a row of zeros (a caption with no words).
+    With p = softmax(logits), d/dlogits of -sum_k q_k log p_k = -sum_k q_k (logits_k - logsumexp)
+    is p sum_k q_k - q: p - q for a target distribution, 0 for a row of zeros (a caption with no words).
     Averaged over N rows, then linear's backward. Returns (dfeat, dw, db).
     """
     lin, logp, q = cache
@@ -1070,9 +1072,9 @@ def loss_and_grads(params, cfg, pixels, ids, checkpoint=False):
 def bow_loss_and_grads(params, cfg, pixels, ids, checkpoint=False):
     """The bag-of-words baseline: the image tower and the word predictor train; the text tower gets zeros."""
     feat, cache = encode_image_forward(params, cfg, pixels, checkpoint=checkpoint)          # (N, E)
-    loss, loss_cache = bow_loss_forward(feat, params["bow.weight"], params["bow.bias"],
+    loss, loss_cache = cross_entropy_head_forward(feat, params["bow.weight"], params["bow.bias"],
                                         bag_of_words(ids, cfg.vocab_size).astype(feat.dtype))
-    dfeat, dw, db = bow_loss_backward(loss_cache)
+    dfeat, dw, db = cross_entropy_head_backward(loss_cache)
     grads = {k: xp.zeros_like(v) for k, v in params.items()}
     grads.update(encode_image_backward(dfeat, cache, params))
     grads["bow.weight"], grads["bow.bias"] = dw, db

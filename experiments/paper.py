@@ -73,15 +73,21 @@ def model_config(width, objective, vocab_size):
                                objective=objective)
 
 
-def train_flops(cfg, images):
-    """Training compute, 6 x (multiply-adds of the forward's matrix products) per pair: 3 passes, 2 FLOPs each."""
+def train_flops(cfg, images, text_tokens=12, head=0):
+    """
+    Training compute, counted from the shapes: 6 x (multiply-adds of the forward's matrix products)
+    per image, the backward being twice the forward and a multiply-add 2 FLOPs. text_tokens: a
+    caption's length, 0 for a model without a text tower; head: the outputs of a linear head on the
+    image features (bag-of-words: the vocabulary; supervised: the classes). LayerNorm, softmax and the
+    activations are left out: a few percent at these widths.
+    """
     def tower(D, L, T):
         return L * T * (12 * D * D + 2 * T * D)     # qkv + out (4 D^2), MLP (8 D^2), scores and mixing (2 T D)
     G = (cfg.image_size // cfg.patch_size) ** 2
-    per_pair = tower(cfg.vision_width, cfg.vision_layers, G + 1) + G * 3 * cfg.patch_size ** 2 * cfg.vision_width
-    if cfg.objective == "contrastive":
-        per_pair += tower(cfg.text_width, cfg.text_layers, 12)      # a caption is about 12 tokens
-    return 6 * per_pair * images
+    per_image = tower(cfg.vision_width, cfg.vision_layers, G + 1) + G * 3 * cfg.patch_size ** 2 * cfg.vision_width
+    if text_tokens:
+        per_image += tower(cfg.text_width, cfg.text_layers, text_tokens)
+    return 6 * (per_image + head * cfg.embed_dim) * images
 
 
 # -----------------------------------------------------------------------------
@@ -174,7 +180,7 @@ def run(name, settings, seed, scale, evaluations=4):
             metrics = evaluate(params, cfg, tok, tests, full=step + 1 == steps and name == "base")
             curve.append({"images": (step + 1) * B, "loss": loss, **metrics})
     return {"arm": name, "seed": seed, "settings": settings, "seconds": time.time() - t0,
-            "flops": train_flops(cfg, scale.images_seen), "logit_scale": mc.logit_scale_value(params),
+            "flops": train_flops(cfg, scale.images_seen, 12 if cfg.objective == "contrastive" else 0), "logit_scale": mc.logit_scale_value(params),
             "curve": curve, "final": curve[-1]}
 
 

@@ -75,14 +75,15 @@ def test_gelu_is_the_normal_cdf_times_x():
     assert np.abs(mc.gelu_forward(x)[0] - want).max() < 1e-15
 
 
-def test_bow_loss():
-    """The bag-of-words baseline's loss: features, weights and bias; bags of 3 words, of 1, and empty."""
+def test_cross_entropy_head():
+    """The bag-of-words baseline's loss and the supervised classifier's: features, weights and bias;
+    bags of 3 words, of 1 (a one-hot label), and empty."""
     q = np.zeros((4, 7))
     q[:, [1, 3, 5]] = 1 / 3
     q[2] = np.eye(7)[6]
     q[3] = 0
-    check(lambda f, w, b: mc.bow_loss_forward(f, w, b, q),
-          lambda d, cache: tuple(d * g for g in mc.bow_loss_backward(cache)),     # d: the scalar loss's R
+    check(lambda f, w, b: mc.cross_entropy_head_forward(f, w, b, q),
+          lambda d, cache: tuple(d * g for g in mc.cross_entropy_head_backward(cache)),     # d: the scalar loss's R
           [randn(4, 5), randn(7, 5), randn(7)], [0, 1, 2])
 
 

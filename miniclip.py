@@ -4,11 +4,11 @@ Supervision") with every forward and backward pass written by hand in NumPy, or 
 
 Reading order: the array backend, the layers (each a forward/backward pair), the contrastive loss,
 the config and parameters, the two encoders and the model's backward, AdamW, and image
-preprocessing.
+preprocessing. Last come the speed devices, which a first reading skips: they compute what the
+layers compute, faster, and are tested against them.
 
 Notation used in every shape comment:
     N   batch size                      T   tokens in a sequence (text: context, image: 1 + G*G)
-    Tq  positions whose query is asked: T, or 1 in an encoder's last block (see transformer_forward)
     D   width of a transformer          H   attention heads, Dh = D // H the width of one head
     F   width of the MLP hidden layer (4 * D in OpenAI's CLIP; 6144 at D = 1408 in LAION's ViT-g/14)
     E   width of the joint embedding    V   vocabulary size
@@ -83,84 +83,6 @@ def to_numpy(tree):
 
 
 # -----------------------------------------------------------------------------
-# Every core for the work BLAS does not do. BLAS runs matrix products on all cores, but NumPy runs
-# each elementwise operation on one, and attention's N*H small per-head products one after another.
-# That work is row by row, the same for every sample: by_rows(fn, x) cuts x's first axis into one
-# slice per core and runs fn(rows) on all slices at once, each on a thread of its own. NumPy lets go
-# of Python's lock inside its loops, so the slices really run side by side. fn writes its rows of
-# outputs allocated beforehand, which get the same numbers, bit for bit, as one call on every row.
-# PyTorch does the same inside each of its operations.
-
-MIN_SPLIT = 1 << 15             # elements; below this, handing work to a thread costs more than it saves
-
-
-def cpu_threads():
-    """As many threads as BLAS runs: OMP_NUM_THREADS or OPENBLAS_NUM_THREADS if set (set at import
-    under MPI, each process's share of the cores), else every core this process may use."""
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
-            return int(os.environ[name])
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cpu_settings():
-    """
-    The process-wide settings that miniclip's speed on a CPU depends on. Every entry point (train.py,
-    zeroshot.py, the experiments and benchmarks) calls this first; a script of one's own imports
-    miniclip before NumPy and calls it too. Three settings, each a no-op where it does not apply:
-
-    - OpenBLAS's threads spin for about 2^28 cycles after each matrix product before they sleep, and
-      so take the cores that by_rows runs the elementwise work on right after. OPENBLAS_THREAD_TIMEOUT=4
-      (2^4 cycles, OpenBLAS's least) lets them sleep at once. OpenBLAS reads it when NumPy loads, so
-      importing miniclip sets it (unless it is set, or NumPy came first: then this warns).
-    - Under an MPI launcher the processes on one machine share its cores: unless the user chose, each
-      gets its share of BLAS threads, as torchrun does (also at import). With more threads than cores,
-      OpenBLAS's busy-waiting threads fight, and a data-parallel step of --tiny ran 3 to 12 times slower.
-    - glibc's malloc serves blocks over 128 KiB with mmap and hands them back to the OS on free, so
-      every NumPy temporary page-faults afresh on each of its 4 KiB pages. Raising the mmap and trim
-      thresholds keeps freed memory in the process for reuse (MINICLIP_MALLOC_DEFAULTS=1 skips this).
-
-    benchmarks/bench.py measures each against its absence on a tiny train step.
-    """
-    import ctypes
-    import ctypes.util
-    import warnings
-    blas = numpy.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {}).get("name", "")
-    if "openblas" in blas and "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
-        warnings.warn("NumPy was imported before miniclip, so OpenBLAS's threads spin after each product "
-                      "(import miniclip first, or set OPENBLAS_THREAD_TIMEOUT=4)", stacklevel=2)
-    if os.environ.get("MINICLIP_MALLOC_DEFAULTS") == "1":
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)    # glibc's largest allowed value
-        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
-        libc.mallopt(M_TOP_PAD, 64 * 2 ** 20)
-    except (OSError, AttributeError):
-        pass
-
-
-@functools.cache
-def thread_pool(n):
-    """n threads that by_rows hands slices to, started on first use and kept."""
-    return ThreadPoolExecutor(n, thread_name_prefix="miniclip-rows")
-
-
-def by_rows(fn, x):
-    """Call fn(rows) for slices `rows` of x's first axis that together cover it, all at once."""
-    n = min(cpu_threads(), len(x)) if xp is numpy and x.size >= MIN_SPLIT else 1   # CuPy: one call
-    if n <= 1:
-        fn(slice(None))
-        return
-    cuts = [len(x) * i // n for i in range(n + 1)]
-    others = [thread_pool(n - 1).submit(fn, slice(a, b)) for a, b in zip(cuts[1:-1], cuts[2:])]
-    fn(slice(0, cuts[1]))                               # this thread takes the first slice
-    for f in others:
-        f.result()                                      # waits, and raises what fn raised
-
-
-# -----------------------------------------------------------------------------
 # Layers
 
 
@@ -195,18 +117,11 @@ def layernorm_forward(x, g, b, eps=1e-5):
         xhat = (x - mean) / sqrt(var + eps),   out = g * xhat + b
     x: (..., D)   g, b: (D,)   ->   out: (..., D)
     """
-    out, xhat = xp.empty_like(x), xp.empty_like(x)
-    rstd = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)                  # (..., 1)
-
-    def rows(r):
-        xc = x[r] - x[r].mean(axis=-1, keepdims=True)
-        var = (xc * xc).mean(axis=-1, keepdims=True)                    # the biased variance, as PyTorch
-        rstd[r] = 1.0 / xp.sqrt(var + eps)
-        xp.multiply(xc, rstd[r], out=xhat[r])
-        xp.multiply(xhat[r], g, out=out[r])
-        out[r] += b
-    by_rows(rows, x)
-    return out, (xhat, rstd, g)
+    xc = x - x.mean(axis=-1, keepdims=True)
+    var = (xc * xc).mean(axis=-1, keepdims=True)                        # the biased variance, as PyTorch
+    rstd = 1.0 / xp.sqrt(var + eps)                                     # (..., 1)
+    xhat = xc * rstd
+    return xhat * g + b, (xhat, rstd, g)
 
 
 def layernorm_backward(dout, cache):
@@ -219,55 +134,27 @@ def layernorm_backward(dout, cache):
     """
     xhat, rstd, g = cache
     D = xhat.shape[-1]
-    dx, dout_xhat = xp.empty_like(dout), xp.empty_like(dout)
-
-    def rows(r):
-        xp.multiply(dout[r], xhat[r], out=dout_xhat[r])
-        dxhat = dout[r] * g
-        dx[r] = rstd[r] * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                           - xhat[r] * (dxhat * xhat[r]).mean(axis=-1, keepdims=True))
-    by_rows(rows, dout)
-    dg = dout_xhat.reshape(-1, D).sum(axis=0)           # the sums over rows run once, on all rows,
-    db = dout.reshape(-1, D).sum(axis=0)                # so they add in the same order as ever
+    dxhat = dout * g
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    dg = (dout * xhat).reshape(-1, D).sum(axis=0)
+    db = dout.reshape(-1, D).sum(axis=0)
     return dx, dg, db
 
 
 def quickgelu_forward(x):
     """
     CLIP's activation, a cheap GELU: out = x * s with s = sigmoid(1.702 x) = 1 / (1 + exp(-1.702 x)).
-    Any shape. s is built in place in one buffer (exp, +1, reciprocal) and out in a second: this layer
-    sees the widest activations of the model, (N, T, 4D), and a tanh form or a fresh temporary per
-    operation cost about three times as long. For x < -52, exp overflows to inf and s = 1/inf = 0,
-    the right limit.
+    Any shape. For x < -52, exp overflows to inf and s = 1/inf = 0, the right limit.
     """
-    s, out = xp.empty_like(x), xp.empty_like(x)
-
-    def rows(r):
-        xp.multiply(x[r], -1.702, out=s[r])
-        with numpy.errstate(over="ignore"):
-            xp.exp(s[r], out=s[r])
-        s[r] += 1.0
-        xp.reciprocal(s[r], out=s[r])
-        xp.multiply(x[r], s[r], out=out[r])
-    by_rows(rows, x)
-    return out, (x, s)
+    with numpy.errstate(over="ignore"):
+        s = 1.0 / (xp.exp(x * -1.702) + 1.0)
+    return x * s, (x, s)
 
 
 def quickgelu_backward(dout, cache):
-    """d/dx [x s(1.702x)] = s + 1.702 x s (1 - s), built in place in one buffer."""
+    """d/dx [x s(1.702x)] = s + 1.702 x s (1 - s), with s' = s (1 - s)."""
     x, s = cache
-    d = xp.empty_like(s)
-
-    def rows(r):
-        dr, sr = d[r], s[r]                             # views: writing into dr writes d
-        xp.subtract(1.0, sr, out=dr)
-        dr *= sr
-        dr *= x[r]
-        dr *= 1.702
-        dr += sr
-        dr *= dout[r]
-    by_rows(rows, s)
-    return d
+    return ((1.0 - s) * s * x * 1.702 + s) * dout
 
 
 # erf, which NumPy lacks, for the exact GELU. W. J. Cody, "Rational Chebyshev approximations for the
@@ -364,7 +251,7 @@ def log_softmax(x):
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, causal, at=None):
+def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, causal):
     """
     Multi-head self-attention as torch.nn.MultiheadAttention computes it, with q, k and v projected by
     one (3D, D) matrix (OpenAI's in_proj_weight):
@@ -372,33 +259,20 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, causal, at=None):
         A = softmax(q k^T / sqrt(Dh) + mask)      per head; mask is -inf above the diagonal if causal
         out = concat_heads(A v) w_out^T + b_out
     x: (N, T, D)   w_in: (3D, D)   b_in: (3D,)   w_out: (D, D)   b_out: (D,)   ->   out: (N, T, D)
-    at: None, or (N,) positions, one per sequence: then only that position's query is asked (every
-    position still gives its key and value) and out is (N, 1, D). See transformer_forward.
     """
     N, T, D = x.shape
     H = n_heads
     Dh = D // H
     qkv, in_cache = linear_forward(x, w_in, b_in)                       # (N, T, 3D)
     q, k, v = qkv.reshape(N, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)       # (N, H, T, Dh) each
-    if at is not None:
-        q = q[xp.arange(N), :, at][:, :, None]                          # (N, H, 1, Dh): Tq = 1
-    qs = q * (1.0 / math.sqrt(Dh))                                      # (N, H, Tq, Dh): q / sqrt(Dh)
-    Tq = qs.shape[2]
-    if causal:                                          # (N, 1, Tq, T), one row per query's position
-        mask = causal_mask(xp.arange(T) if at is None else at[:, None], T, x.dtype)
-        mask = xp.broadcast_to(mask[..., None, :, :], (N, 1, Tq, T))
-    att = xp.empty((N, H, Tq, T), dtype=x.dtype)
-    y = xp.empty((N, Tq, H, Dh), dtype=x.dtype)                         # heads side by side
-
-    def rows(r):                                        # N*H small products: by rows, on every core
-        scores = qs[r] @ k[r].transpose(0, 1, 3, 2)                     # (n, H, Tq, T)
-        if causal:
-            scores += mask[r]
-        att[r] = softmax_forward(scores)[0]
-        xp.matmul(att[r], v[r], out=y[r].transpose(0, 2, 1, 3))         # A v, (n, H, Tq, Dh)
-    by_rows(rows, x)
-    out, out_cache = linear_forward(y.reshape(N, Tq, D), w_out, b_out)  # (N, Tq, D)
-    return out, (in_cache, qs, k, v, att, out_cache, H, at)
+    qs = q * (1.0 / math.sqrt(Dh))                                      # q / sqrt(Dh)
+    scores = qs @ k.transpose(0, 1, 3, 2)                               # (N, H, T, T)
+    if causal:
+        scores += causal_mask(xp.arange(T), T, x.dtype)                 # (T, T), the same for every head
+    att = softmax_forward(scores)[0]                                    # (N, H, T, T)
+    y = (att @ v).transpose(0, 2, 1, 3).reshape(N, T, D)                # (N, T, H, Dh): heads side by side
+    out, out_cache = linear_forward(y, w_out, b_out)                    # (N, T, D)
+    return out, (in_cache, qs, k, v, att, out_cache, H)
 
 
 def causal_mask(q_pos, T, dtype):
@@ -415,34 +289,23 @@ def attention_backward(dout, cache):
     The mask is a constant, so it sends no gradient; masked entries of A are 0 and get ds = 0.
     Returns (dx, dw_in, db_in, dw_out, db_out).
     """
-    in_cache, qs, k, v, att, out_cache, H, at = cache
-    N, _, Tq, Dh = qs.shape
-    T = k.shape[2]
+    in_cache, qs, k, v, att, out_cache, H = cache
+    N, _, T, Dh = qs.shape
     # out = y w_out^T + b_out
-    dy, dw_out, db_out = linear_backward(dout, out_cache)               # (N, Tq, D)
-    dy = dy.reshape(N, Tq, H, Dh).transpose(0, 2, 1, 3)                 # (N, H, Tq, Dh)
-    dqkv = xp.empty((N, T, 3, H, Dh), dtype=dy.dtype)                   # x w_in^T + b_in's gradient
-    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                          # (N, H, T, Dh) views of dqkv
-    if at is not None:                                  # one query per sequence: its own buffer, and
-        dqkv[:, :, 0] = 0                               # every other position's query gradient is 0
-        dq = xp.empty_like(qs)                          # (N, H, 1, Dh)
-
-    def rows(r):                                        # as in the forward: by rows, on every core
-        # y = A v
-        xp.matmul(att[r].transpose(0, 1, 3, 2), dy[r], out=dv[r])
-        dA = dy[r] @ v[r].transpose(0, 1, 3, 2)                         # (n, H, Tq, T)
-        # A = softmax(s)
-        ds = softmax_backward(dA, att[r])
-        # s = qs k^T
-        xp.matmul(ds, k[r], out=dq[r])                                  # dqs
-        xp.matmul(ds.transpose(0, 1, 3, 2), qs[r], out=dk[r])
-        # qs = q / sqrt(Dh)
-        dq[r] *= 1.0 / math.sqrt(Dh)
-    by_rows(rows, dy)
-    if at is not None:
-        # q = q[xp.arange(N), :, at][:, :, None]
-        dqkv[xp.arange(N), at, 0] = dq[:, :, 0]
+    dy, dw_out, db_out = linear_backward(dout, out_cache)               # (N, T, D)
+    dy = dy.reshape(N, T, H, Dh).transpose(0, 2, 1, 3)                  # (N, H, T, Dh)
+    # y = A v
+    dv = att.transpose(0, 1, 3, 2) @ dy                                 # (N, H, T, Dh)
+    dA = dy @ v.transpose(0, 1, 3, 2)                                   # (N, H, T, T)
+    # A = softmax(s)
+    ds = softmax_backward(dA, att)
+    # s = qs k^T
+    dqs = ds @ k                                                        # (N, H, T, Dh)
+    dk = ds.transpose(0, 1, 3, 2) @ qs
+    # qs = q / sqrt(Dh)
+    dq = dqs * (1.0 / math.sqrt(Dh))
     # q, k, v = split(x w_in^T + b_in)
+    dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4)              # (N, T, 3, H, Dh)
     dx, dw_in, db_in = linear_backward(dqkv.reshape(N, T, 3 * H * Dh), in_cache)
     return dx, dw_in, db_in, dw_out, db_out
 
@@ -471,19 +334,21 @@ def block_forward(x, p, n_heads, causal, eps, act="quick_gelu", at=None):
         x = x + attention(ln_1(x))
         x = x + c_proj(act(c_fc(ln_2(x))))          act: a key of ACTIVATIONS, quick_gelu in OpenAI's CLIP
     x: (N, T, D); p: the block's 12 parameters keyed by BLOCK_KEYS   ->   (N, T, D)
-    at: None, or (N,) positions: the block then works out only those positions and returns (N, 1, D).
+    at: None, or (N,) positions, one per sequence: the output is read there, (N, 1, D), as an encoder
+    reads its last block (block_forward_fast works out only those positions).
     """
     h, ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)
     h, att = attention_forward(h, p["attn.in_proj_weight"], p["attn.in_proj_bias"],
-                               p["attn.out_proj.weight"], p["attn.out_proj.bias"], n_heads, causal, at)
-    if at is not None:
-        x = x[xp.arange(len(x)), at][:, None]                           # (N, 1, D)
+                               p["attn.out_proj.weight"], p["attn.out_proj.bias"], n_heads, causal)
     x = x + h
     h, ln2 = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], eps)
-    h, fc = linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])    # (N, Tq, F)
+    h, fc = linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])    # (N, T, F)
     h, act_cache = ACTIVATIONS[act][0](h)
-    h, proj = linear_forward(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (N, Tq, D)
-    return x + h, (ln1, att, ln2, fc, act, act_cache, proj, at)
+    h, proj = linear_forward(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (N, T, D)
+    out = x + h
+    if at is not None:
+        out = out[xp.arange(len(out)), at][:, None]                     # (N, 1, D)
+    return out, (ln1, att, ln2, fc, act, act_cache, proj, at, x.shape)
 
 
 def block_backward(dout, cache):
@@ -491,7 +356,12 @@ def block_backward(dout, cache):
     The block read bottom-up. x feeds both the residual path and each branch, so its gradient is the
     sum of the two: dx = dout + (gradient through the branch). Returns (dx, grads keyed by BLOCK_KEYS).
     """
-    ln1, att, ln2, fc, act, act_cache, proj, at = cache
+    ln1, att, ln2, fc, act, act_cache, proj, at, shape = cache
+    if at is not None:
+        # out = out[xp.arange(N), at][:, None]: the other positions get no gradient
+        whole = xp.zeros(shape, dtype=dout.dtype)
+        whole[xp.arange(shape[0]), at] = dout[:, 0]
+        dout = whole
     g = {}
     # h = c_proj(h)
     dh, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = linear_backward(dout, proj)
@@ -509,11 +379,7 @@ def block_backward(dout, cache):
     # h = ln_1(x)
     dh, g["ln_1.weight"], g["ln_1.bias"] = layernorm_backward(dh, ln1)
     # x = x + h: the same again for the attention branch
-    if at is None:
-        return dx + dh, g
-    # x = x[xp.arange(len(x)), at][:, None]: the residual path reached x at those positions only
-    dh[xp.arange(len(dh)), at] += dx[:, 0]
-    return dh, g
+    return dx + dh, g
 
 
 class Recompute(NamedTuple):
@@ -526,47 +392,51 @@ class Recompute(NamedTuple):
     at: object
 
 
-def transformer_forward(x, params, prefix, n_layers, n_heads, causal, eps, act, *, at, keep_cache=True,
+class Blocks(NamedTuple):
+    """transformer_forward's cache: one per block (a block's cache, or a Recompute), and which blocks ran."""
+    caches: list
+    fast: bool                  # block_forward_fast's, else block_forward's
+
+
+def transformer_forward(x, params, prefix, n_layers, n_heads, causal, eps, act, *, at=None, keep_cache=True,
                         checkpoint=False):
     """
     n_layers (>= 1) blocks in a row; block i reads the keys f"{prefix}resblocks.{i}.*".
-    x: (N, T, D)   at: (N,) positions   ->   (N, 1, D), the last block's output at those positions
-                   at=None              ->   (N, T, D), every position
-    An encoder reads one position of its last block: an image's class token, a text's end-of-text
-    token. So the last block works out that position alone: one query per sequence (every position
-    still gives a key and a value), then the attention output, the residual and the MLP on one row.
-    That skips about 3/4 of the block's work and gives the same numbers up to rounding. (PyTorch's
-    CLIPModel runs every position through every block; on the tiny train step this saves 24-30%.)
+    x: (N, T, D)   at: None   ->   (N, T, D), the last block's output at every position
+                   at: (N,)   ->   (N, 1, D), read at one position per sequence, as an encoder reads it
+    The blocks are block_forward_fast, the same numbers up to rounding in a fraction of the time
+    (section "Speed devices"), unless FAST is off: then block_forward, the plain reading of the math.
     Without keep_cache (inference), each block's activations are freed as soon as the next block has
     run, so memory holds one layer's activations instead of all of them.
     With checkpoint (gradient checkpointing), each block keeps only its input x, (N, T, D), instead of
     its ~14 activations of up to (N, T, 4D) and (N, H, T, T), and the backward runs the block's forward
     again just before differentiating it: one more forward pass of compute for a fraction of the memory.
     """
+    block = block_forward_fast if FAST else block_forward
     caches = []
     for i in range(n_layers):
         bp = f"{prefix}resblocks.{i}."
         block_in = x
         block_at = at if i == n_layers - 1 else None    # every position, but in the last block
-        x, c = block_forward(x, {k: params[bp + k] for k in BLOCK_KEYS}, n_heads, causal, eps, act, block_at)
+        x, c = block(x, {k: params[bp + k] for k in BLOCK_KEYS}, n_heads, causal, eps, act, block_at)
         if checkpoint:
             caches.append(Recompute(block_in, n_heads, causal, eps, act, block_at))
         elif keep_cache:
             caches.append(c)
-    return x, caches
+    return x, Blocks(caches, FAST)
 
 
-def transformer_backward(dout, caches, prefix, params):
+def transformer_backward(dout, cache, prefix, params):
     """The blocks in reverse order. dout: the output's gradient, (N, 1, D) or (N, T, D) as the forward gave.
     Returns (dx: (N, T, D), the blocks' gradients under their full names)."""
+    forward, backward = (block_forward_fast, block_backward_fast) if cache.fast else (block_forward, block_backward)
     grads = {}
-    for i in reversed(range(len(caches))):
+    for i in reversed(range(len(cache.caches))):
         bp = f"{prefix}resblocks.{i}."
-        cache = caches[i]
-        if isinstance(cache, Recompute):                # checkpointed: rebuild this block's cache now
-            _, cache = block_forward(cache.x, {k: params[bp + k] for k in BLOCK_KEYS}, cache.n_heads,
-                                     cache.causal, cache.eps, cache.act, cache.at)
-        dout, g = block_backward(dout, cache)
+        c = cache.caches[i]
+        if isinstance(c, Recompute):                    # checkpointed: rebuild this block's cache now
+            _, c = forward(c.x, {k: params[bp + k] for k in BLOCK_KEYS}, c.n_heads, c.causal, c.eps, c.act, c.at)
+        dout, g = backward(dout, c)
         grads.update({bp + k: v for k, v in g.items()})
     return dout, grads
 
@@ -1219,3 +1089,286 @@ def normalize_pixels(uint8_images, mean=CLIP_MEAN, std=CLIP_STD):
 def preprocess(img, size, crop=None, mean=CLIP_MEAN, std=CLIP_STD):
     """A PIL image as CLIP's model input: (3, crop, crop) float32 NumPy."""
     return normalize_pixels(numpy.asarray(resize_and_crop(img.convert("RGB"), size, crop)), mean, std)
+
+
+# =============================================================================
+# Speed devices. A first reading skips this section: what it computes is what the layers above
+# compute, and tests/test_layers.py holds each device to the plain version (float64, to rounding).
+# transformer_forward uses them while FAST is on, as it is unless a caller turns it off.
+#
+# Two devices, both measured by benchmarks/bench.py against their absence:
+# - The last block at one position. An encoder reads one position of its last block: an image's
+#   class token, a text's end-of-text token. block_forward_fast(at=...) works out that position alone:
+#   one query per sequence (every position still gives a key and a value), then the attention output,
+#   the residual and the MLP on one row. That skips about 3/4 of the block's work (PyTorch's CLIPModel
+#   runs every position through every block); on the tiny train step it saves 24-30%.
+#   Tq in the shape comments below: the positions whose query is asked, T or 1.
+# - Rows on every core (by_rows). LayerNorm, QuickGELU and attention's small per-head products are
+#   cut into one slice of rows per core, each slice written into outputs allocated beforehand.
+
+FAST = True
+
+# Every core for the work BLAS does not do. BLAS runs matrix products on all cores, but NumPy runs
+# each elementwise operation on one, and attention's N*H small per-head products one after another.
+# That work is row by row, the same for every sample: by_rows(fn, x) cuts x's first axis into one
+# slice per core and runs fn(rows) on all slices at once, each on a thread of its own. NumPy lets go
+# of Python's lock inside its loops, so the slices really run side by side. fn writes its rows of
+# outputs allocated beforehand, which get the same numbers, bit for bit, as one call on every row.
+# PyTorch does the same inside each of its operations.
+
+MIN_SPLIT = 1 << 15             # elements; below this, handing work to a thread costs more than it saves
+
+
+def cpu_threads():
+    """As many threads as BLAS runs: OMP_NUM_THREADS or OPENBLAS_NUM_THREADS if set (set at import
+    under MPI, each process's share of the cores), else every core this process may use."""
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
+            return int(os.environ[name])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_settings():
+    """
+    The process-wide settings that miniclip's speed on a CPU depends on. Every entry point (train.py,
+    zeroshot.py, the experiments and benchmarks) calls this first; a script of one's own imports
+    miniclip before NumPy and calls it too. Three settings, each a no-op where it does not apply:
+
+    - OpenBLAS's threads spin for about 2^28 cycles after each matrix product before they sleep, and
+      so take the cores that by_rows runs the elementwise work on right after. OPENBLAS_THREAD_TIMEOUT=4
+      (2^4 cycles, OpenBLAS's least) lets them sleep at once. OpenBLAS reads it when NumPy loads, so
+      importing miniclip sets it (unless it is set, or NumPy came first: then this warns).
+    - Under an MPI launcher the processes on one machine share its cores: unless the user chose, each
+      gets its share of BLAS threads, as torchrun does (also at import). With more threads than cores,
+      OpenBLAS's busy-waiting threads fight, and a data-parallel step of --tiny ran 3 to 12 times slower.
+    - glibc's malloc serves blocks over 128 KiB with mmap and hands them back to the OS on free, so
+      every NumPy temporary page-faults afresh on each of its 4 KiB pages. Raising the mmap and trim
+      thresholds keeps freed memory in the process for reuse (MINICLIP_MALLOC_DEFAULTS=1 skips this).
+
+    benchmarks/bench.py measures each against its absence on a tiny train step.
+    """
+    import ctypes
+    import ctypes.util
+    import warnings
+    blas = numpy.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {}).get("name", "")
+    if "openblas" in blas and "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
+        warnings.warn("NumPy was imported before miniclip, so OpenBLAS's threads spin after each product "
+                      "(import miniclip first, or set OPENBLAS_THREAD_TIMEOUT=4)", stacklevel=2)
+    if os.environ.get("MINICLIP_MALLOC_DEFAULTS") == "1":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)    # glibc's largest allowed value
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
+        libc.mallopt(M_TOP_PAD, 64 * 2 ** 20)
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.cache
+def thread_pool(n):
+    """n threads that by_rows hands slices to, started on first use and kept."""
+    return ThreadPoolExecutor(n, thread_name_prefix="miniclip-rows")
+
+
+def by_rows(fn, x):
+    """Call fn(rows) for slices `rows` of x's first axis that together cover it, all at once."""
+    n = min(cpu_threads(), len(x)) if xp is numpy and x.size >= MIN_SPLIT else 1   # CuPy: one call
+    if n <= 1:
+        fn(slice(None))
+        return
+    cuts = [len(x) * i // n for i in range(n + 1)]
+    others = [thread_pool(n - 1).submit(fn, slice(a, b)) for a, b in zip(cuts[1:-1], cuts[2:])]
+    fn(slice(0, cuts[1]))                               # this thread takes the first slice
+    for f in others:
+        f.result()                                      # waits, and raises what fn raised
+
+
+def layernorm_forward_fast(x, g, b, eps=1e-5):
+    """layernorm_forward by rows: the same operations in the same order, so the same bits."""
+    out, xhat = xp.empty_like(x), xp.empty_like(x)
+    rstd = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)                  # (..., 1)
+
+    def rows(r):
+        xc = x[r] - x[r].mean(axis=-1, keepdims=True)
+        var = (xc * xc).mean(axis=-1, keepdims=True)                    # the biased variance, as PyTorch
+        rstd[r] = 1.0 / xp.sqrt(var + eps)
+        xp.multiply(xc, rstd[r], out=xhat[r])
+        xp.multiply(xhat[r], g, out=out[r])
+        out[r] += b
+    by_rows(rows, x)
+    return out, (xhat, rstd, g)
+
+
+def layernorm_backward_fast(dout, cache):
+    """layernorm_backward by rows, the same bits."""
+    xhat, rstd, g = cache
+    D = xhat.shape[-1]
+    dx, dout_xhat = xp.empty_like(dout), xp.empty_like(dout)
+
+    def rows(r):
+        xp.multiply(dout[r], xhat[r], out=dout_xhat[r])
+        dxhat = dout[r] * g
+        dx[r] = rstd[r] * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                           - xhat[r] * (dxhat * xhat[r]).mean(axis=-1, keepdims=True))
+    by_rows(rows, dout)
+    dg = dout_xhat.reshape(-1, D).sum(axis=0)           # the sums over rows run once, on all rows,
+    db = dout.reshape(-1, D).sum(axis=0)                # so they add in the same order as ever
+    return dx, dg, db
+
+
+def quickgelu_forward_fast(x):
+    """
+    quickgelu_forward by rows, s built in place in one buffer (exp, +1, reciprocal) and out in a second:
+    this layer sees the widest activations of the model, (N, T, 4D), and a fresh temporary per
+    operation cost about three times as long. quickgelu_forward's operations in its order: the same bits.
+    """
+    s, out = xp.empty_like(x), xp.empty_like(x)
+
+    def rows(r):
+        xp.multiply(x[r], -1.702, out=s[r])
+        with numpy.errstate(over="ignore"):
+            xp.exp(s[r], out=s[r])
+        s[r] += 1.0
+        xp.reciprocal(s[r], out=s[r])
+        xp.multiply(x[r], s[r], out=out[r])
+    by_rows(rows, x)
+    return out, (x, s)
+
+
+def quickgelu_backward_fast(dout, cache):
+    """quickgelu_backward by rows, built in place in one buffer in its order: the same bits."""
+    x, s = cache
+    d = xp.empty_like(s)
+
+    def rows(r):
+        dr, sr = d[r], s[r]                             # views: writing into dr writes d
+        xp.subtract(1.0, sr, out=dr)
+        dr *= sr
+        dr *= x[r]
+        dr *= 1.702
+        dr += sr
+        dr *= dout[r]
+    by_rows(rows, s)
+    return d
+
+
+def attention_forward_fast(x, w_in, b_in, w_out, b_out, n_heads, causal, at=None):
+    """
+    attention_forward with its N*H small per-head products by rows, and a position to read:
+    at: None, or (N,) positions, one per sequence: then only that position's query is asked (every
+    position still gives its key and value) and out is (N, Tq = 1, D).
+    """
+    N, T, D = x.shape
+    H = n_heads
+    Dh = D // H
+    qkv, in_cache = linear_forward(x, w_in, b_in)                       # (N, T, 3D)
+    q, k, v = qkv.reshape(N, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)       # (N, H, T, Dh) each
+    if at is not None:
+        q = q[xp.arange(N), :, at][:, :, None]                          # (N, H, 1, Dh): Tq = 1
+    qs = q * (1.0 / math.sqrt(Dh))                                      # (N, H, Tq, Dh): q / sqrt(Dh)
+    Tq = qs.shape[2]
+    if causal:                                          # (N, 1, Tq, T), one row per query's position
+        mask = causal_mask(xp.arange(T) if at is None else at[:, None], T, x.dtype)
+        mask = xp.broadcast_to(mask[..., None, :, :], (N, 1, Tq, T))
+    att = xp.empty((N, H, Tq, T), dtype=x.dtype)
+    y = xp.empty((N, Tq, H, Dh), dtype=x.dtype)                         # heads side by side
+
+    def rows(r):                                        # N*H small products: by rows, on every core
+        scores = qs[r] @ k[r].transpose(0, 1, 3, 2)                     # (n, H, Tq, T)
+        if causal:
+            scores += mask[r]
+        att[r] = softmax_forward(scores)[0]
+        xp.matmul(att[r], v[r], out=y[r].transpose(0, 2, 1, 3))         # A v, (n, H, Tq, Dh)
+    by_rows(rows, x)
+    out, out_cache = linear_forward(y.reshape(N, Tq, D), w_out, b_out)  # (N, Tq, D)
+    return out, (in_cache, qs, k, v, att, out_cache, H, at)
+
+
+def attention_backward_fast(dout, cache):
+    """
+    attention_backward by rows. With at, dq is the one query's gradient, (N, H, 1, Dh), in a buffer
+    of its own; it goes back to its position in dqkv, and every other position's query gradient is 0.
+    """
+    in_cache, qs, k, v, att, out_cache, H, at = cache
+    N, _, Tq, Dh = qs.shape
+    T = k.shape[2]
+    # out = y w_out^T + b_out
+    dy, dw_out, db_out = linear_backward(dout, out_cache)               # (N, Tq, D)
+    dy = dy.reshape(N, Tq, H, Dh).transpose(0, 2, 1, 3)                 # (N, H, Tq, Dh)
+    dqkv = xp.empty((N, T, 3, H, Dh), dtype=dy.dtype)                   # x w_in^T + b_in's gradient
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                          # (N, H, T, Dh) views of dqkv
+    if at is not None:                                  # one query per sequence: its own buffer, and
+        dqkv[:, :, 0] = 0                               # every other position's query gradient is 0
+        dq = xp.empty_like(qs)                          # (N, H, 1, Dh)
+
+    def rows(r):                                        # as in the forward: by rows, on every core
+        # y = A v
+        xp.matmul(att[r].transpose(0, 1, 3, 2), dy[r], out=dv[r])
+        dA = dy[r] @ v[r].transpose(0, 1, 3, 2)                         # (n, H, Tq, T)
+        # A = softmax(s)
+        ds = softmax_backward(dA, att[r])
+        # s = qs k^T
+        xp.matmul(ds, k[r], out=dq[r])                                  # dqs
+        xp.matmul(ds.transpose(0, 1, 3, 2), qs[r], out=dk[r])
+        # qs = q / sqrt(Dh)
+        dq[r] *= 1.0 / math.sqrt(Dh)
+    by_rows(rows, dy)
+    if at is not None:
+        # q = q[xp.arange(N), :, at][:, :, None]
+        dqkv[xp.arange(N), at, 0] = dq[:, :, 0]
+    # q, k, v = split(x w_in^T + b_in)
+    dx, dw_in, db_in = linear_backward(dqkv.reshape(N, T, 3 * H * Dh), in_cache)
+    return dx, dw_in, db_in, dw_out, db_out
+
+
+def block_forward_fast(x, p, n_heads, causal, eps, act="quick_gelu", at=None):
+    """
+    block_forward with the fast LayerNorm, attention and QuickGELU, and with at, (N,) positions, only
+    those positions worked out: attention asks their queries alone, and the residual and the MLP run
+    on their rows. Returns (N, Tq, D): (N, 1, D) with at, as block_forward's read there.
+    """
+    h, ln1 = layernorm_forward_fast(x, p["ln_1.weight"], p["ln_1.bias"], eps)
+    h, att = attention_forward_fast(h, p["attn.in_proj_weight"], p["attn.in_proj_bias"],
+                                    p["attn.out_proj.weight"], p["attn.out_proj.bias"], n_heads, causal, at)
+    if at is not None:
+        x = x[xp.arange(len(x)), at][:, None]                           # (N, 1, D)
+    x = x + h
+    h, ln2 = layernorm_forward_fast(x, p["ln_2.weight"], p["ln_2.bias"], eps)
+    h, fc = linear_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])    # (N, Tq, F)
+    h, act_cache = ACTIVATIONS_FAST[act][0](h)
+    h, proj = linear_forward(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (N, Tq, D)
+    return x + h, (ln1, att, ln2, fc, act, act_cache, proj, at)
+
+
+def block_backward_fast(dout, cache):
+    """block_backward for block_forward_fast. With at, the residual path reached x at those positions only."""
+    ln1, att, ln2, fc, act, act_cache, proj, at = cache
+    g = {}
+    # h = c_proj(h)
+    dh, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = linear_backward(dout, proj)
+    # h = act(h)
+    dh = ACTIVATIONS_FAST[act][1](dh, act_cache)
+    # h = c_fc(h)
+    dh, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = linear_backward(dh, fc)
+    # h = ln_2(x)
+    dh, g["ln_2.weight"], g["ln_2.bias"] = layernorm_backward_fast(dh, ln2)
+    # out = x + h: the residual path and the MLP branch both read x
+    dx = dout + dh
+    # h = attention(h)
+    dh, g["attn.in_proj_weight"], g["attn.in_proj_bias"], g["attn.out_proj.weight"], \
+        g["attn.out_proj.bias"] = attention_backward_fast(dx, att)
+    # h = ln_1(x)
+    dh, g["ln_1.weight"], g["ln_1.bias"] = layernorm_backward_fast(dh, ln1)
+    # x = x + h: the same again for the attention branch
+    if at is None:
+        return dx + dh, g
+    # x = x[xp.arange(len(x)), at][:, None]: the residual path reached x at those positions only
+    dh[xp.arange(len(dh)), at] += dx[:, 0]
+    return dh, g
+
+
+# The activations of block_forward_fast: QuickGELU by rows, GELU as it is.
+ACTIVATIONS_FAST = {"quick_gelu": (quickgelu_forward_fast, quickgelu_backward_fast),
+                    "gelu": (gelu_forward, gelu_backward)}

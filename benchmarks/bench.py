@@ -185,7 +185,7 @@ def measure(framework, task, spec, folder, repeats):
 
 def every_position_through_the_last_block():
     """
-    Undo the encoders' shortcut (see miniclip.transformer_forward): the last block works out every
+    Undo the encoders' shortcut (miniclip's speed devices, block_forward_fast): the last block works out every
     position, as PyTorch's CLIPModel does, and the class or end-of-text token is read off afterwards.
     """
     forward, backward = mc.transformer_forward, mc.transformer_backward

@@ -45,13 +45,38 @@ def test_linear_without_bias():
     check(lambda x, w: mc.linear_forward(x, w), lambda d, c: mc.linear_backward(d, c)[:2], [x, w], [0, 1])
 
 
-def test_layernorm():
+@pytest.mark.parametrize("fast", [False, True])
+def test_layernorm(fast):
     x = randn(3, 4, 7) * 3 + 1
-    check(mc.layernorm_forward, mc.layernorm_backward, [x, randn(7), randn(7)], [0, 1, 2])
+    forward, backward = (mc.layernorm_forward_fast, mc.layernorm_backward_fast) if fast else \
+        (mc.layernorm_forward, mc.layernorm_backward)
+    check(forward, backward, [x, randn(7), randn(7)], [0, 1, 2])
 
 
-def test_quickgelu():
-    check(mc.quickgelu_forward, mc.quickgelu_backward, [randn(4, 6) * 3], [0])
+@pytest.mark.parametrize("fast", [False, True])
+def test_quickgelu(fast):
+    forward, backward = (mc.quickgelu_forward_fast, mc.quickgelu_backward_fast) if fast else \
+        (mc.quickgelu_forward, mc.quickgelu_backward)
+    check(forward, backward, [randn(4, 6) * 3], [0])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fast_layernorm_and_quickgelu_give_the_plain_ones_bits(monkeypatch, threads):
+    """The speed devices' LayerNorm and QuickGELU do the plain layers' operations in their order, by
+    rows: the same float32 bits, forward and backward, in one piece or split over threads."""
+    monkeypatch.setattr(mc, "MIN_SPLIT", 0)
+    monkeypatch.setattr(mc, "cpu_threads", lambda: threads)
+    x, dout = (randn(5, 6, 16, seed=s).astype(np.float32) * 3 for s in (1, 2))
+    g, b = randn(16).astype(np.float32), randn(16, seed=3).astype(np.float32)
+    for plain, fast, args in ((mc.layernorm_forward, mc.layernorm_forward_fast, (g, b)),
+                              (mc.quickgelu_forward, mc.quickgelu_forward_fast, ())):
+        (out, cache), (out_fast, cache_fast) = plain(x, *args), fast(x, *args)
+        assert np.array_equal(out, out_fast)
+        back = {mc.layernorm_forward: (mc.layernorm_backward, mc.layernorm_backward_fast),
+                mc.quickgelu_forward: (mc.quickgelu_backward, mc.quickgelu_backward_fast)}[plain]
+        grads, grads_fast = back[0](dout, cache), back[1](dout, cache_fast)
+        for a, c in zip(grads if isinstance(grads, tuple) else (grads,), grads_fast if isinstance(grads_fast, tuple) else (grads_fast,)):
+            assert np.array_equal(a, c)
 
 
 def test_erf_matches_math_erf():
@@ -100,12 +125,20 @@ def test_softmax():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("at", [None, np.array([3, 0])])
-def test_attention(causal, at):
+def test_attention(causal):
     N, T, D, H = 2, 5, 12, 3
     inputs = [randn(N, T, D), randn(3 * D, D) * 0.3, randn(3 * D), randn(D, D) * 0.3, randn(D)]
-    fwd = lambda *a: mc.attention_forward(*a, n_heads=H, causal=causal, at=at)
+    fwd = lambda *a: mc.attention_forward(*a, n_heads=H, causal=causal)
     check(fwd, mc.attention_backward, inputs, [0, 1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("at", [None, np.array([3, 0])])
+def test_fast_attention(causal, at):
+    N, T, D, H = 2, 5, 12, 3
+    inputs = [randn(N, T, D), randn(3 * D, D) * 0.3, randn(3 * D), randn(D, D) * 0.3, randn(D)]
+    fwd = lambda *a: mc.attention_forward_fast(*a, n_heads=H, causal=causal, at=at)
+    check(fwd, mc.attention_backward_fast, inputs, [0, 1, 2, 3, 4])
 
 
 def test_attention_key_bias_gets_no_gradient():
@@ -126,41 +159,45 @@ def test_causal_attention_ignores_the_future():
     assert np.array_equal(out1[:, :4], out2[:, :4]) and not np.allclose(out1[:, 4:], out2[:, 4:])
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("act", sorted(mc.ACTIVATIONS))
 @pytest.mark.parametrize("at", [None, np.array([1, 3])])
 @pytest.mark.parametrize("F", [None, 20])                  # the MLP 4D wide, or 2.5D
-def test_block(act, at, F):
+def test_block(fast, act, at, F):
     N, T, D, H = 2, 4, 8, 2
     keys, shapes = mc.BLOCK_KEYS, mc.block_shapes(D, F)
     inputs = [randn(N, T, D)] + [randn(*shapes[k], seed=i) * 0.5 for i, k in enumerate(keys)]
-    fwd = lambda x, *p: mc.block_forward(x, dict(zip(keys, p)), H, True, 1e-5, act, at)
+    forward, backward = (mc.block_forward_fast, mc.block_backward_fast) if fast else (mc.block_forward, mc.block_backward)
+    fwd = lambda x, *p: forward(x, dict(zip(keys, p)), H, True, 1e-5, act, at)
 
     def bwd(d, cache):
-        dx, g = mc.block_backward(d, cache)
+        dx, g = backward(d, cache)
         return (dx, *[g[k] for k in keys])
     check(fwd, bwd, inputs, list(range(13)))
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_a_block_read_at_one_position_is_the_whole_block_read_there(causal):
+def test_the_fast_block_read_at_one_position_is_the_plain_block_read_there(causal):
     """
-    block_forward(x, at=at) is block_forward(x)[rows, at], and its backward is the whole block's
-    backward with a gradient only at those positions (float64, up to rounding: measured 4e-15 for the
-    output, 1.2e-13 for the worst gradient). A block that saw the wrong query, mask row or residual
-    row, or sent a gradient to the wrong place, is off by order 1.
+    block_forward_fast(x, at=at), which works out those positions alone, is the plain block_forward(x)
+    read there, and its backward is the plain block's backward with a gradient only at those positions
+    (float64, up to rounding: measured 4e-15 for the output, 1.2e-13 for the worst gradient). A block
+    that saw the wrong query, mask row or residual row, or sent a gradient to the wrong place, is off by
+    order 1.
     """
     N, T, D, H = 3, 6, 12, 3
     p = {k: randn(*s, seed=i) * 0.5 for i, (k, s) in enumerate(mc.block_shapes(D).items())}
     x, at = randn(N, T, D), np.array([5, 0, 2])
     rows = np.arange(N)
     whole, whole_cache = mc.block_forward(x, p, H, causal, 1e-5)
-    one, one_cache = mc.block_forward(x, p, H, causal, 1e-5, at=at)
+    one, one_cache = mc.block_forward_fast(x, p, H, causal, 1e-5, at=at)
+    assert np.allclose(mc.block_forward(x, p, H, causal, 1e-5, at=at)[0], one, rtol=0, atol=1e-12)
     assert one.shape == (N, 1, D)
     assert rel_error(one[:, 0], whole[rows, at]) < 5e-14
     dout = np.zeros_like(whole)
     dout[rows, at] = randn(N, D, seed=7)
     dx, g = mc.block_backward(dout, whole_cache)
-    dx_one, g_one = mc.block_backward(dout[rows, at][:, None], one_cache)
+    dx_one, g_one = mc.block_backward_fast(dout[rows, at][:, None], one_cache)
     assert rel_error(dx_one, dx) < 1e-12
     assert max(rel_error(g_one[k], g[k]) for k in g) < 1e-12
 
@@ -191,8 +228,8 @@ def test_rows_split_across_threads_give_the_same_numbers(monkeypatch, threads):
         arrays = []
         for causal in (False, True):
             for at in (None, np.array([3, 0, 1, 3, 2])):
-                out, cache = mc.block_forward(x, p, H, causal, 1e-5, at=at)
-                dx, g = mc.block_backward(dout if at is None else dout[:, :1], cache)
+                out, cache = mc.block_forward_fast(x, p, H, causal, 1e-5, at=at)
+                dx, g = mc.block_backward_fast(dout if at is None else dout[:, :1], cache)
                 arrays += [out, dx, *g.values()]
         return arrays
     whole = run()

@@ -183,21 +183,26 @@ def train_loop(args, run, group=None):
     if run.step % tc.eval_every and run.step != tc.steps:
         save()
     print(f"saved {out} at step {run.step} ({time.time() - t_start:.0f}s of training)")
-    if lead:
-        plot_curves(os.path.splitext(out)[0])
     if group:
         counts = group.comm.gather(loader.decoded)
         if lead and any(counts):
             print(f"images decoded by each process: {counts}")
+    if lead:
+        leave_beside(out, run)
     if run.step < tc.steps:
         print(f"resume with: python train.py --resume {out}")
         return 130 if stopping else 0
-    if run.held and lead:
-        samples = save_samples(os.path.join(os.path.dirname(out), "samples"), val, run.held, cfg.image_size)
-        print(f"held-out samples: {' '.join(samples)}")
-        if cfg.objective == "contrastive":
-            print(f"try: python zeroshot.py {samples[0]}")
     return 0
+
+
+def leave_beside(out, run):
+    """What a run leaves beside its checkpoint: the curves' figure, and once --tiny is done, held-out samples to try."""
+    plot_curves(os.path.splitext(out)[0])
+    if run.held and run.step == run.tc.steps:
+        samples = save_samples(os.path.join(os.path.dirname(out), "samples"), run.val, run.held, run.cfg.image_size)
+        print(f"held-out samples: {' '.join(samples)}")
+        if run.cfg.objective == "contrastive":
+            print(f"try: python zeroshot.py {samples[0]}")
 
 
 def batch_inputs(crops, captions, tok, cfg):

@@ -511,19 +511,28 @@ def figures(results, er, fits, n_id, n_shift, folder):
     sets = [("supervised", "in-distribution", "shifted", "tab:gray", "s", "supervised (image tower + head)"),
             ("clip", "in-distribution", "shifted", "tab:red", "o", "zero-shot CLIP"),
             ("clip", "probe in-distribution", "probe shifted", "tab:blue", "^", "linear probe on CLIP's features")]
+    xs, ys = [], []
     for kind, x_key, y_key, color, marker, label in sets:
         rs = [r for r in results if r["kind"] == kind and x_key in r["scores"]]
         if rs:
-            ax.scatter(logit([r["scores"][x_key] for r in rs], n_id), logit([r["scores"][y_key] for r in rs], n_shift),
-                       c=color, marker=marker, s=[12 + r["width"] / 3 for r in rs], alpha=0.75, label=label)
+            x, y = logit([r["scores"][x_key] for r in rs], n_id), logit([r["scores"][y_key] for r in rs], n_shift)
+            ax.scatter(x, y, c=color, marker=marker, s=[12 + r["width"] / 3 for r in rs], alpha=0.75, label=label)
+            xs += list(x)
+            ys += list(y)
+    if not xs:
+        plt.close(fig)
+        return written
+    lo, hi = min(xs) - 0.4, max(xs) + 0.4
     if er:
         a, b = np.mean([e["slope"] for e in er.values()]), np.mean([e["intercept"] for e in er.values()])
-        lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [a * lo + b, a * hi + b], color="tab:gray", ls="--", label="fit to the supervised models")
-        ax.plot([lo, hi], [lo, hi], color="black", ls=":", lw=0.8, label="no loss under shift (y = x)")
-    ticks = np.array([0.01, 0.03, 0.1, 0.3, 0.5, 0.7, 0.9, 0.97])
-    ax.set_xticks(np.log(ticks / (1 - ticks)), [f"{t:.0%}" for t in ticks])
-    ax.set_yticks(np.log(ticks / (1 - ticks)), [f"{t:.0%}" for t in ticks])
+    ax.plot([lo, hi], [lo, hi], color="black", ls=":", lw=0.8, label="no loss under shift (y = x)")
+    ticks = np.array([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    for axis, (low, high) in ((ax.xaxis, (lo, hi)), (ax.yaxis, (min(ys) - 0.4, max(ys) + 0.4))):
+        where = np.log(ticks / (1 - ticks))
+        keep = (where >= low) & (where <= high)
+        axis.set_ticks(where[keep], [f"{t:.1%}" if t < 0.01 else f"{t:.0%}" for t in ticks[keep]])
+    ax.set(xlim=(lo, hi), ylim=(min(ys) - 0.4, max(ys) + 0.4))
     ax.set(xlabel="Noto + Twemoji, unused skin tones (top-1, logit axis)", ylabel="OpenMoji, the same emoji (logit axis)",
            title="Effective robustness: size = width")
     ax.legend(fontsize=7, loc="upper left")

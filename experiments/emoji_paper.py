@@ -494,6 +494,7 @@ def figures(results, er, fits, n_id, n_shift, folder):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed (pip install -r requirements-dev.txt): wrote the results, no figures")
         return []
@@ -526,7 +527,8 @@ def figures(results, er, fits, n_id, n_shift, folder):
     if er:
         a, b = np.mean([e["slope"] for e in er.values()]), np.mean([e["intercept"] for e in er.values()])
         ax.plot([lo, hi], [a * lo + b, a * hi + b], color="tab:gray", ls="--", label="fit to the supervised models")
-    ax.plot([lo, hi], [lo, hi], color="black", ls=":", lw=0.8, label="no loss under shift (y = x)")
+    if lo < max(ys) + 0.4:                              # y = x crosses the plot
+        ax.plot([lo, hi], [lo, hi], color="black", ls=":", lw=0.8, label="no loss under shift (y = x)")
     ticks = np.array([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     for axis, (low, high) in ((ax.xaxis, (lo, hi)), (ax.yaxis, (min(ys) - 0.4, max(ys) + 0.4))):
         where = np.log(ticks / (1 - ticks))
@@ -554,6 +556,9 @@ def figures(results, er, fits, n_id, n_shift, folder):
                 label=f"frontier fit: slope {m['slope']:.3f}, R$^2$ {m['r2']:.2f}")
     ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs)", ylabel="zero-shot error, held-out concepts",
            title="Error against compute (mean over seeds)")
+    low, high = ax.get_ylim()                           # a narrow range: ticks in plain percent
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks(np.linspace(low, high, 6)[1:-1], [f"{t:.1%}" for t in np.linspace(low, high, 6)[1:-1]])
     ax.legend(fontsize=7)
     save(fig, "emoji_compute.png")
 
@@ -562,11 +567,13 @@ def figures(results, er, fits, n_id, n_shift, folder):
     if base and any(f"held-out concepts, {p}" in r["scores"] for r in base for p in PROMPTS):
         fig, ax = plt.subplots(figsize=(5.6, 3.6))
         for k, test in enumerate(("held-out concepts", "OpenMoji, seen concepts")):
-            v = np.array([[r["scores"][f"{test}, {p}"] for p in PROMPTS] for r in base])
-            ax.bar(np.arange(3) + 4 * k, v.mean(0), yerr=v.std(0) if len(v) > 1 else None, capsize=3,
-                   color=["tab:gray", "tab:blue", "tab:green"])
+            for j, (prompt, color) in enumerate(zip(PROMPTS, ("tab:gray", "tab:blue", "tab:green"))):
+                v = np.array([r["scores"][f"{test}, {prompt}"] for r in base])
+                ax.bar(4 * k + j, v.mean(), yerr=v.std() if len(v) > 1 else None, capsize=3, color=color,
+                       label=prompt if k == 0 else None)
         ax.set_xticks([1, 5], ["held-out concepts (549-way)", "OpenMoji, seen (2,945-way)"])
-        ax.set(ylabel="zero-shot top-1", title="Prompts: bare name (gray), one template (blue), ensemble (green)")
+        ax.set(ylabel="zero-shot top-1", title=f"Prompts, width {BASE_WIDTH}, {longest} steps")
+        ax.legend(fontsize=8)
         save(fig, "emoji_prompts.png")
 
     fig, ax = plt.subplots(figsize=(5.6, 3.6))

@@ -357,7 +357,8 @@ def figures(results, claim_list, folder):
 def markdown(claim_list):
     """The claims as a Markdown table: each side's mean over seeds with its range, and the verdict."""
     def side(values):
-        return f"{np.mean(values):.3f}" + (f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else "")
+        between = " to " if min(values) < 0 else "-"
+        return f"{np.mean(values):.3f}" + (f" ({min(values):.3f}{between}{max(values):.3f})" if len(values) > 1 else "")
     lines = ["| claim | a | b | a - b | spread | verdict | note |", "|---|---|---|---|---|---|---|"]
     for c in claim_list:
         lines.append(f"| {c['claim']}: {c['a']} (a) against {c['b']} (b) | {side(c['a per seed'])} | "

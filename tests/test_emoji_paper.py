@@ -145,7 +145,7 @@ def test_claims_give_the_verdict_the_numbers_say():
     robust = verdicts["zero-shot CLIP is effectively robust"]
     assert robust["verdict"] == "holds" and abs(robust["a - b"] - 0.5) < 0.02              # 0.5 logits above the line
     assert all(abs(e["slope"] - 0.5) < 1e-6 and abs(e["intercept"] + 2) < 1e-6 and e["r2"] > 0.999 for e in er.values())
-    assert verdicts["a probe fitted to the training vendors loses the robustness"]["verdict"] == "holds"
+    assert verdicts["zero-shot is more robust than a probe on its features"]["verdict"] == "holds"
     assert abs(fits["mean"]["slope"] + 0.05) < 1e-6 and fits["mean"]["r2"] > 0.999
     assert verdicts["zero-shot error falls with compute"]["verdict"] == "holds"
     assert verdicts["prompt engineering, held-out concepts"]["verdict"] == "holds"          # 0.30 > 0.20
@@ -155,7 +155,7 @@ def test_claims_give_the_verdict_the_numbers_say():
     results, n = fake_results(er=-0.5, probe_er=-0.5, slope=0.05, ensemble=0.305)
     verdicts = {c["claim"]: c["verdict"] for c in emoji_paper.claims(results, n, n)[0]}
     assert verdicts["zero-shot CLIP is effectively robust"] == "does not hold"
-    assert verdicts["a probe fitted to the training vendors loses the robustness"] == "within noise"
+    assert verdicts["zero-shot is more robust than a probe on its features"] == "within noise"
     assert verdicts["zero-shot error falls with compute"] == "does not hold"
     assert verdicts["prompt ensembling, held-out concepts"] == "within noise"
 

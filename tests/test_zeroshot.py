@@ -1,9 +1,14 @@
-"""zeroshot.py by subprocess, as a user runs it: output formats, ensembling, and every bad input."""
+"""zeroshot.py as a user runs it: output formats, ensembling, and every bad input. Its main() runs in
+this process with stdout and stderr captured (a fresh interpreter per call added its start-up and
+imports to each test, and proved nothing more); one test runs the script as a process."""
+import contextlib
+import io
 import json
 import os
 import struct
 import subprocess
 import sys
+import types
 import zlib
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import data
 import miniclip as mc
 import weights
 import train
+import zeroshot
 from conftest import zeroshot_probabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,10 +31,30 @@ LOGPROB_BOUND = 1e-5
 
 
 def run(*args, cwd=None):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), *map(str, args)],
-                       capture_output=True, text=True, cwd=cwd, timeout=300)
-    assert "Traceback" not in p.stderr, p.stderr
-    return p
+    """zeroshot.main(args) with its output captured: returncode, stdout, stderr, as a process would give
+    them (argparse's exit status included). An exception propagates and fails the test, as a traceback would."""
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = zeroshot.main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code
+    finally:
+        os.chdir(here)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_the_script_runs_as_a_process(tiny, sample):
+    """python zeroshot.py, in a process of its own, prints what main() prints and exits with its status."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), sample, "--checkpoint", str(tiny / "tiny.npz"),
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout == run(sample, "--checkpoint", tiny / "tiny.npz", "--json").stdout
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), sample, "--checkpoint", str(tiny / "nothing.npz")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ The CLIP paper's findings on real images: the emoji of three artists (data.py em
 Noto's and Twemoji's art, with OpenMoji's as the shift that training never sees.
 
     python data.py emoji *.tgz --out data/emoji                     first, once (README, "Real images")
-    python experiments/emoji_paper.py --data data/emoji --quick     1 seed, 2 lengths: about 10 minutes on 2 cores
+    python experiments/emoji_paper.py --data data/emoji --quick     1 seed, 2 lengths: 8 minutes on 2 cores
     python experiments/emoji_paper.py --data data/emoji             3 seeds, 3 lengths: 81 minutes here
     python experiments/emoji_paper.py --from-results                the claims and the figures again, from the results
 
@@ -625,7 +625,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--data", default=os.path.join("data", "emoji"),
                    help="the folder data.py emoji wrote (default data/emoji)")
-    p.add_argument("--quick", action="store_true", help="1 seed and 2 lengths (about 10 minutes)")
+    p.add_argument("--quick", action="store_true", help="1 seed and 2 lengths (8 minutes on 2 cores)")
     p.add_argument("--out", default=os.path.join(HERE, "emoji"), help="folder for emoji_paper.json and the figures")
     p.add_argument("--work", default=os.path.join("checkpoints", "emoji_paper"),
                    help="folder for the decoded images and the tokenizer, reused by later runs")

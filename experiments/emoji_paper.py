@@ -432,12 +432,8 @@ def claims(results, n_id, n_shift):
     out = []
 
     def add(name, paper_says, a_name, a, b_name, b, a_wins=True, note=""):
-        if not len(a) or not len(b) or len(a) != len(b):
-            return
-        word, diff, spread = paper.verdict(np.asarray(a), np.asarray(b), a_wins)
-        out.append({"claim": name, "paper": paper_says, "a": a_name, "b": b_name,
-                    "a per seed": [round(float(x), 4) + 0.0 for x in a], "b per seed": [round(float(x), 4) + 0.0 for x in b],
-                    "a - b": round(diff, 4), "spread": round(spread, 4), "verdict": word, "note": note})
+        if len(a) and len(a) == len(b):                 # a value for every seed on both sides
+            out.append(paper.judged(name, paper_says, a_name, a, b_name, b, a_wins, note))
 
     er = robustness(results, n_id, n_shift)
     if er:
@@ -490,22 +486,11 @@ def claims(results, n_id, n_shift):
 
 
 def figures(results, er, fits, n_id, n_shift, folder):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("matplotlib is not installed (pip install -r requirements-dev.txt): wrote the results, no figures")
+    writer = paper.figure_writer(folder, "emoji_paper.json")
+    if writer is None:
         return []
-    written = []
-
-    def save(fig, name):
-        path = os.path.join(folder, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    plt, save, written = writer
+    import matplotlib.ticker
 
     # Effective robustness, the paper's Figure 13 in form: both axes logit-scaled, ticks in percent.
     fig, ax = plt.subplots(figsize=(5.6, 4.6))

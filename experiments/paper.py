@@ -203,17 +203,21 @@ def verdict(a, b, paper_says_a_wins):
     return word + (" (1 seed)" if len(a) < 2 else ""), diff, spread
 
 
+def judged(name, paper, a_name, a, b_name, b, a_wins=True, note=""):
+    """One claim's record: the paper's statement, both sides per seed, their difference, spread and verdict."""
+    word, diff, spread = verdict(np.asarray(a), np.asarray(b), a_wins)
+    return {"claim": name, "paper": paper, "a": a_name, "b": b_name,
+            "a per seed": [round(float(x), 4) + 0.0 for x in a], "b per seed": [round(float(x), 4) + 0.0 for x in b],
+            "a - b": round(diff, 4), "spread": round(spread, 4), "verdict": word, "note": note}
+
+
 def claims(results):
     out = []
 
     def claim(name, paper, arm_a, metric_a, arm_b, metric_b, a_wins=True, note=""):
         a, b = values(results, arm_a, metric_a), values(results, arm_b, metric_b)
-        if not len(a) or not len(b):
-            return
-        word, diff, spread = verdict(a, b, a_wins)
-        out.append({"claim": name, "paper": paper, "a": f"{arm_a}: {metric_a}", "b": f"{arm_b}: {metric_b}",
-                    "a per seed": [round(float(x), 4) for x in a], "b per seed": [round(float(x), 4) for x in b],
-                    "a - b": round(diff, 4), "spread": round(spread, 4), "verdict": word, "note": note})
+        if len(a) and len(b):
+            out.append(judged(name, paper, f"{arm_a}: {metric_a}", a, f"{arm_b}: {metric_b}", b, a_wins, note))
 
     claim("contrastive beats predictive", "a contrastive objective is about 4x as efficient at zero-shot "
           "ImageNet as bag-of-words prediction (Figure 2)", "base", "zero-shot", "bow", "zero-shot",
@@ -274,14 +278,18 @@ def claims(results):
 # Figures
 
 
-def figures(results, claim_list, folder):
+def figure_writer(folder, wrote):
+    """
+    (pyplot, save(fig, name), the paths saved so far) for figures written into folder as PNG; None,
+    after saying so, when matplotlib is not installed (the results, `wrote`, stand without figures).
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -r requirements-dev.txt): wrote results.json, no figures")
-        return []
+        print(f"matplotlib is not installed (pip install -r requirements-dev.txt): wrote {wrote}, no figures")
+        return None
     written = []
 
     def save(fig, name):
@@ -290,6 +298,14 @@ def figures(results, claim_list, folder):
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    return plt, save, written
+
+
+def figures(results, claim_list, folder):
+    writer = figure_writer(folder, "results.json")
+    if writer is None:
+        return []
+    plt, save, written = writer
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for arm, label in (("base", "contrastive"), ("bow", "bag-of-words prediction")):

@@ -855,9 +855,18 @@ def decode_crops(locators, side, size, offsets):
     return out, failed
 
 
-def ignore_interrupts():
-    """Workers leave Ctrl-C to the training process, which stops the run cleanly and then ends them."""
+def start_worker():
+    """
+    Each decoding worker, as it starts. It leaves Ctrl-C to the main process, which stops the run
+    cleanly and then ends the workers. And it runs at the lowest priority (nice 19), so it decodes
+    on the cores the model leaves idle instead of taking one from BLAS: a matrix product's threads
+    wait for each other, so a worker that preempts one of them stalls them all. The decoded batches
+    are the same; zeroshot.py over 500 photos with ViT-B/32 on 2 cores took 23.3 s instead of 24.9,
+    and the --tiny preset trained at 1,650 images/s instead of 1,590.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(os, "nice"):                            # POSIX only
+        os.nice(19 - os.nice(0))
 
 
 class Loader:
@@ -891,7 +900,7 @@ class Loader:
             # forkserver: workers start from a fresh process, not a copy of this one with its MPI
             # state, model and optimizer.
             ctx = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=ignore_interrupts)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=start_worker)
         return self.pool.submit(decode_crops, locators, self.side, self.size, offsets)
 
     def _finish(self, pairs, idx, result):

@@ -1045,7 +1045,7 @@ def open_image(path):
             raise ValueError(f"image is {w}x{h} pixels, over the {MAX_PIXELS} limit "
                              "(a decompression bomb?)")
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)     # in place: no copy of an upright image
     except FileNotFoundError:
         raise ValueError("no such file") from None
     except IsADirectoryError:
@@ -1062,7 +1062,7 @@ def open_image(path):
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_and_crop(img, size, crop=None):

@@ -148,7 +148,7 @@ def decoded_batches(paths, preprocessing, batch_size, workers):
         yield from (decode_images(chunk, preprocessing) for chunk in chunks)
         return
     ctx = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=data.ignore_interrupts) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=data.start_worker) as pool:
         pending = deque()
         for chunk in chunks:
             pending.append(pool.submit(decode_images, chunk, preprocessing))

@@ -210,6 +210,17 @@ def test_workers_decode_what_the_main_process_decodes(tmp_path):
     assert plain.decoded == pooled.decoded == 20
 
 
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="POSIX priorities")
+def test_workers_run_at_the_lowest_priority():
+    """A decoding worker takes the cores BLAS leaves idle (nice 19), and leaves Ctrl-C to the main process."""
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, initializer=data.start_worker) as pool:
+        assert pool.submit(os.nice, 0).result() == 19
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+    assert os.nice(0) < 19                              # this process keeps its priority
+
+
 def test_prefetch_is_bounded(tmp_path):
     pairs = data.read_shards([write_shards(tmp_path, 1, 8)])
     pulled = []

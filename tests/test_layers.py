@@ -61,22 +61,24 @@ def test_quickgelu(fast):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_fast_layernorm_and_quickgelu_give_the_plain_ones_bits(monkeypatch, threads):
-    """The speed devices' LayerNorm and QuickGELU do the plain layers' operations in their order, by
-    rows: the same float32 bits, forward and backward, in one piece or split over threads."""
+def test_fast_layernorm_and_quickgelu_are_the_plain_ones(monkeypatch, threads):
+    """The speed devices' LayerNorm (sums as BLAS products) and QuickGELU (sigmoid through tanh) compute
+    the plain layers' numbers up to rounding, forward and backward, in one piece or split over threads:
+    float64. Measured over 20 inputs: forward 2.8e-14, backward 2.5e-13 (LayerNorm's dx, a difference of
+    nearly equal terms); the bounds are about 4x those."""
     monkeypatch.setattr(mc, "MIN_SPLIT", 0)
     monkeypatch.setattr(mc, "cpu_threads", lambda: threads)
-    x, dout = (randn(5, 6, 16, seed=s).astype(np.float32) * 3 for s in (1, 2))
-    g, b = randn(16).astype(np.float32), randn(16, seed=3).astype(np.float32)
+    x, dout = (randn(5, 6, 16, seed=s) * 3 + 1 for s in (1, 2))
+    g, b = randn(16), randn(16, seed=3)
     for plain, fast, args in ((mc.layernorm_forward, mc.layernorm_forward_fast, (g, b)),
                               (mc.quickgelu_forward, mc.quickgelu_forward_fast, ())):
         (out, cache), (out_fast, cache_fast) = plain(x, *args), fast(x, *args)
-        assert np.array_equal(out, out_fast)
+        assert rel_error(out_fast, out) < 1e-13
         back = {mc.layernorm_forward: (mc.layernorm_backward, mc.layernorm_backward_fast),
                 mc.quickgelu_forward: (mc.quickgelu_backward, mc.quickgelu_backward_fast)}[plain]
         grads, grads_fast = back[0](dout, cache), back[1](dout, cache_fast)
         for a, c in zip(grads if isinstance(grads, tuple) else (grads,), grads_fast if isinstance(grads_fast, tuple) else (grads_fast,)):
-            assert np.array_equal(a, c)
+            assert rel_error(c, a) < 1e-12
 
 
 def test_erf_matches_math_erf():

@@ -71,8 +71,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_the_speed_devices_give_the_plain_models_numbers(monkeypatch, checkpoint):
     """
     The model with its speed devices (the default) against the plain layers alone (FAST off), float64:
-    the features, the loss and every gradient to rounding (measured: features 2.8e-16, loss 1.5e-16
-    relative, gradients 3.8e-15 relative; the bounds are about 5x those). Both
+    the features, the loss and every gradient to rounding (the largest over 8 seeds, with and without
+    checkpointing: features 1.3e-15, loss 7.7e-16 relative, gradients 1.2e-14 relative; the bounds are
+    about 4x those). Both
     towers read their last block at one position, so a wrong row there is off by order 1.
     """
     cfg = dataclasses.replace(MICRO, context_length=9)
@@ -84,10 +85,10 @@ def test_the_speed_devices_give_the_plain_models_numbers(monkeypatch, checkpoint
     monkeypatch.setattr(mc, "FAST", False)
     (img0, txt0), _ = mc.features_forward(params, cfg, pixels, ids)
     loss0, grads0 = mc.loss_and_grads(params, cfg, pixels, ids, checkpoint)
-    assert np.abs(img - img0).max() < 2e-15 and np.abs(txt - txt0).max() < 2e-15
-    assert abs(loss - loss0) < 1e-15 * abs(loss0)
+    assert np.abs(img - img0).max() < 5e-15 and np.abs(txt - txt0).max() < 5e-15
+    assert abs(loss - loss0) < 3e-15 * abs(loss0)
     errors = {k: float(np.abs(grads[k] - g).max() / max(np.abs(g).max(), 1e-300)) for k, g in grads0.items()}
-    assert max(errors.values()) < 2e-14, errors
+    assert max(errors.values()) < 5e-14, errors
 
 
 def test_checkpointed_blocks_keep_only_their_input():

@@ -1245,6 +1245,8 @@ def quickgelu_forward_fast(x):
     an exp, an add and a reciprocal, the slowest of them a division. s is built in place in one buffer
     and out in a second: this layer sees the widest activations of the model, (N, T, 4D), and a fresh
     temporary per operation cost about three times as long. The same numbers up to rounding.
+    The cache keeps out instead of x (see the backward), so x can be freed: the next linear layer
+    keeps out as its input anyway.
     """
     s, out = xp.empty_like(x), xp.empty_like(x)
 
@@ -1255,19 +1257,22 @@ def quickgelu_forward_fast(x):
         s[r] += 0.5
         xp.multiply(x[r], s[r], out=out[r])
     by_rows(rows, x)
-    return out, (x, s)
+    return out, (out, s)
 
 
 def quickgelu_backward_fast(dout, cache):
-    """quickgelu_backward by rows, built in place in one buffer in its order."""
-    x, s = cache
+    """
+    quickgelu_backward from out and s instead of x and s: x s (1 - s) = out (1 - s), so
+        dx = dout * (s + 1.702 * out * (1 - s)),
+    one pass fewer than the plain layer's, by rows, built in place in one buffer.
+    """
+    out, s = cache
     d = xp.empty_like(s)
 
     def rows(r):
         dr, sr = d[r], s[r]                             # views: writing into dr writes d
         xp.subtract(1.0, sr, out=dr)
-        dr *= sr
-        dr *= x[r]
+        dr *= out[r]
         dr *= 1.702
         dr += sr
         dr *= dout[r]

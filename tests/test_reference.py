@@ -80,8 +80,8 @@ def test_features_loss_and_gradients_match_transformers(tmp_path, name):
     out = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), return_loss=True)
     out.loss.backward()
 
-    # Bounds about 5x the largest error measured over the three configs (float32 throughout):
-    # features 4.5e-7, loss 6.2e-8, gradients 9.1e-6.
+    # Bounds 3-6x the largest error measured over the three configs (float32 throughout):
+    # features 6.0e-7, loss 1.3e-7, gradients 8.2e-6.
     assert max_rel(mc.encode_image(params, cfg, pixels), img_ref) < 2e-6
     assert max_rel(mc.encode_text(params, cfg, ids), txt_ref) < 2e-6
     loss, grads = mc.loss_and_grads(params, cfg, pixels, ids)

@@ -3,6 +3,7 @@ miniclip against PyTorch (transformers' CLIPModel) on the same machine, weights 
 
     python benchmarks/bench.py            the whole table, about 15 minutes on 2 cores
     python benchmarks/bench.py --quick    two rounds, fewer repeats
+    python benchmarks/bench.py --baseline ../old     also another checkout's miniclip, in the same rounds
 
 Both sides load one save_pretrained folder of random weights and use the same number of threads.
 Each measurement runs in a fresh subprocess, so its peak memory is its own: after loading the weights
@@ -207,13 +208,16 @@ def rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def run_one(framework, task, spec, folder, repeats, **env):
-    """One measurement in a fresh process. env: variables to set there, None to unset one."""
+def run_one(framework, task, spec, folder, repeats, script=__file__, **env):
+    """
+    One measurement in a fresh process. env: variables to set there, None to unset one. script: the
+    bench.py that measures, another checkout's for a baseline.
+    """
     env = {**os.environ, **env}
     if framework != "miniclip":                         # importing miniclip set it here; PyTorch runs as it comes
         env.pop("OPENBLAS_THREAD_TIMEOUT", None)
     env = {k: v for k, v in env.items() if v is not None}
-    out = subprocess.run([sys.executable, __file__, "--one", framework, task, json.dumps(spec), folder, str(repeats)],
+    out = subprocess.run([sys.executable, script, "--one", framework, task, json.dumps(spec), folder, str(repeats)],
                          capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -327,9 +331,18 @@ def per_round(a, b):
     return statistics.median(x["seconds"] / y["seconds"] for x, y in zip(a, b))
 
 
+def ratio_text(a, b):
+    """a's time over b's: the median over rounds, and the range when there are several rounds."""
+    ratios = [x["seconds"] / y["seconds"] for x, y in zip(a, b)]
+    spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}{spread}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--baseline", metavar="DIR", help="another checkout of miniclip, measured as a third side in the "
+                                                      "same rounds: a before and after in one run")
     p.add_argument("--one", nargs=5, metavar=("FRAMEWORK", "TASK", "SPEC", "FOLDER", "REPEATS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -347,8 +360,17 @@ def main():
 
     def row(label, res, fmt):
         ours, theirs = summary(res["miniclip"]), summary(res["torch"])
-        return (label, fmt(ours), fmt(theirs), per_round(res["miniclip"], res["torch"]),
+        before = [ratio_text(res["baseline"], res["torch"])] if args.baseline else []
+        return (label, fmt(ours), fmt(theirs), ratio_text(res["miniclip"], res["torch"]), *before,
                 f"{ours['peak_mib']:.0f} / {theirs['peak_mib']:.0f}", lambda: f"{gf(ours)} / {gf(theirs)}")
+
+    def sides(task, spec, folder, repeats):
+        """The measurements of one row: miniclip, PyTorch and, with --baseline, the other checkout's miniclip."""
+        runs = {fw: lambda fw=fw: run_one(fw, task, spec, folder, repeats) for fw in ("miniclip", "torch")}
+        if args.baseline:
+            runs["baseline"] = lambda: run_one("miniclip", task, spec, folder, repeats,
+                                               script=os.path.join(args.baseline, "benchmarks", "bench.py"))
+        return runs
 
     step = lambda r: f"{r['seconds'] * 1000:.0f} ms"
     rounds = 2 if args.quick else 5
@@ -356,7 +378,7 @@ def main():
         for i, (name, spec) in enumerate(TRAIN_SPECS.items()):
             folder = os.path.join(d, f"train{i}")
             make_folder(spec, folder)
-            runs = {fw: lambda fw=fw: run_one(fw, "train", spec, folder, 5) for fw in ("miniclip", "torch")}
+            runs = sides("train", spec, folder, 5)
             if i == 0:
                 runs.update({trick: lambda env=env: run_one("miniclip", "train", spec, folder, 5, **env)
                              for trick, (_, env) in TRICKS.items()})
@@ -368,27 +390,27 @@ def main():
         for task, label, unit, n in (("image", "ViT-B/32 image encoding, batch 16 at 224", "img/s", 16),
                                      ("text", "ViT-B/32 text encoding, batch 256 x 77", "texts/s", 256)):
             repeats = {"image": 5, "text": 3}[task] // (2 if args.quick else 1) or 1
-            res = take_turns({fw: lambda fw=fw: run_one(fw, task, B32, os.path.join(d, "b32"), repeats)
-                              for fw in ("miniclip", "torch")}, 1)
+            res = take_turns(sides(task, B32, os.path.join(d, "b32"), repeats), rounds if task == "image" else min(rounds, 3))
             rows.append(row(label, res, lambda r: f"{n / r['seconds']:.1f} {unit}"))
     for trick, (what, _) in TRICKS.items():
         undone = summary(tricks[trick])
-        rows.append((f"Train step, tiny preset, with {trick}", step(undone), "", per_round(tricks[trick], tricks["torch"]),
-                     f"{undone['peak_mib']:.0f} / -",
+        rows.append((f"Train step, tiny preset, with {trick}", step(undone), "", ratio_text(tricks[trick], tricks["torch"]),
+                     *([""] if args.baseline else []), f"{undone['peak_mib']:.0f} / -",
                      f"{what} saves {1 - per_round(tricks['miniclip'], tricks[trick]):.0%}"))
-    rows += [(*r, "", "") for r in tokenizer_rows(args.quick)]
+    rows += [(*r[:3], "" if r[3] is None else f"{r[3]:.2f}", *([""] if args.baseline else []), "", "")
+             for r in tokenizer_rows(args.quick)]
 
     peaks.append(sgemm_peak())
     print(f"sgemm peak (NumPy, 2048^3): {max(peaks):.0f} GFLOP/s, the faster of {peaks[0]:.0f} at the start and "
           f"{peaks[1]:.0f} at the end")
     print()
-    print("| benchmark | miniclip | PyTorch | time ratio (miniclip / PyTorch) | peak MiB (miniclip / PyTorch) "
-          "| GFLOP/s, % of sgemm peak (miniclip / PyTorch) |")
-    print("|---|---|---|---|---|---|")
-    for label, ours, theirs, ratio, mem, flops in rows:
-        flops = flops() if callable(flops) else flops
-        print(f"| {label} | {ours} | {theirs} | {'' if ratio is None else f'{ratio:.2f}'} | {mem} | {flops} |")
-    print("| GPU (CuPy against PyTorch CUDA) | not measured: this run had no GPU | | | | |")
+    before = [f"baseline ({args.baseline}) / PyTorch"] if args.baseline else []
+    print("| " + " | ".join(["benchmark", "miniclip", "PyTorch", "time ratio, miniclip / PyTorch: median (range over rounds)",
+                             *before, "peak MiB (miniclip / PyTorch)", "GFLOP/s, % of sgemm peak (miniclip / PyTorch)"]) + " |")
+    print("|---" * (6 + len(before)) + "|")
+    for *cells, flops in rows:
+        print("| " + " | ".join([*cells, flops() if callable(flops) else flops]) + " |")
+    print("| GPU (CuPy against PyTorch CUDA) | not measured: this run had no GPU |" + " |" * (4 + len(before)))
 
 
 if __name__ == "__main__":

@@ -1191,8 +1191,9 @@ def by_rows(fn, x):
 def layernorm_forward_fast(x, g, b, eps=1e-5):
     """
     layernorm_forward with each row's two sums as einsum dot products, x . (1/D, ..., 1/D) for the mean
-    and xc . xc for the variance: NumPy's reductions over rows of a few hundred numbers spend most of
-    their time starting and ending each row (2x as long here). Then one pass per operation, in place.
+    and xc . xc for the variance: NumPy's reductions over short rows spend most of their time starting
+    and ending each row (x.sum(axis=-1) over the tiny model's rows of 96 takes 2.3x as long as the
+    einsum). Then one pass per operation, in place.
     The sums add in another order: the same numbers up to rounding. (A BLAS product is faster still,
     but its bits depend on where by_rows cuts the rows.)
     """

@@ -91,6 +91,30 @@ def test_the_speed_devices_give_the_plain_models_numbers(monkeypatch, checkpoint
     assert max(errors.values()) < 5e-14, errors
 
 
+def test_inference_in_chunks_is_the_whole_batch_at_once(monkeypatch):
+    """encode_image and encode_text cut the batch into chunks whose MLP activations stay under
+    CHUNK_BYTES (here 2 sequences: chunks of 2, 2 and 1); the features are the whole batch's, and
+    each chunk's widest activation is within the bound."""
+    params = mc.init_params(MICRO, seed=5, dtype=np.float64)
+    pixels, ids = batch(MICRO, 5, seed=7)
+    whole_img = mc.encode_image_forward(params, MICRO, pixels)[0]
+    whole_txt = mc.encode_text_forward(params, MICRO, ids)[0]
+    tokens = (MICRO.image_size // MICRO.patch_size) ** 2 + 1
+    monkeypatch.setattr(mc, "CHUNK_BYTES", 2 * tokens * MICRO.vision_mlp * 8 + 7)
+    assert mc.chunk_rows(tokens, MICRO.vision_mlp, np.float64) == 2
+    seen = []
+    forward = mc.encode_image_forward
+    monkeypatch.setattr(mc, "encode_image_forward", lambda p, c, x, **kw: (seen.append(len(x)), forward(p, c, x, **kw))[1])
+    assert rel_error(mc.encode_image(params, MICRO, pixels), whole_img) < 1e-12
+    assert seen == [2, 2, 1]
+    monkeypatch.setattr(mc, "CHUNK_BYTES", 3 * ids.shape[1] * MICRO.text_mlp * 8)
+    assert mc.chunk_rows(ids.shape[1], MICRO.text_mlp, np.float64) == 3
+    assert rel_error(mc.encode_text(params, MICRO, ids), whole_txt) < 1e-12
+    monkeypatch.setattr(mc, "CHUNK_BYTES", 1)                 # less than one sequence: one at a time
+    assert mc.chunk_rows(ids.shape[1], MICRO.text_mlp, np.float64) == 1
+    assert rel_error(mc.encode_text(params, MICRO, ids), whole_txt) < 1e-12
+
+
 def test_checkpointed_blocks_keep_only_their_input():
     params = mc.init_params(MICRO, seed=2, dtype=np.float64)
     pixels, ids = batch(MICRO, 2)

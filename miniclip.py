@@ -22,6 +22,7 @@ take the parameters as a dict and their backwards return a dict of gradients und
 Linear weights are stored as PyTorch stores them, (out_features, in_features), so that OpenAI's
 checkpoints load without a transpose.
 """
+import contextvars
 import functools
 import math
 import os
@@ -1192,13 +1193,15 @@ def thread_pool(n):
 
 
 def by_rows(fn, x):
-    """Call fn(rows) for slices `rows` of x's first axis that together cover it, all at once."""
+    """Call fn(rows) for slices `rows` of x's first axis that together cover it, all at once. Each
+    thread runs fn in a copy of the caller's context, so a numpy.errstate around the call holds there too."""
     n = min(cpu_threads(), len(x)) if xp is numpy and x.size >= MIN_SPLIT else 1   # CuPy: one call
     if n <= 1:
         fn(slice(None))
         return
     cuts = [len(x) * i // n for i in range(n + 1)]
-    others = [thread_pool(n - 1).submit(fn, slice(a, b)) for a, b in zip(cuts[1:-1], cuts[2:])]
+    others = [thread_pool(n - 1).submit(contextvars.copy_context().run, fn, slice(a, b))
+              for a, b in zip(cuts[1:-1], cuts[2:])]
     fn(slice(0, cuts[1]))                               # this thread takes the first slice
     for f in others:
         f.result()                                      # waits, and raises what fn raised

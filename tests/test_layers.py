@@ -4,6 +4,7 @@ L = sum(out * R) for a fixed random R, so dL/dout = R, and compares the analytic
 input with the numerical one. CS231n's relative error (see conftest.rel_error) must stay below 1e-6.
 """
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -212,6 +213,24 @@ def test_by_rows_covers_every_row_once(monkeypatch, n, threads):
     mc.by_rows(slices.append, np.zeros((n, 3)))
     rows = [i for r in slices for i in range(n)[r]]
     assert sorted(rows) == list(range(n)) and len(slices) == min(n, threads)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_by_rows_keeps_the_callers_errstate_in_every_thread(monkeypatch, threads):
+    """train.py runs a step under numpy.errstate(all="ignore") and reports a non-finite loss itself. The
+    last slice, which overflows here, runs on a pool thread; it must follow the caller's errstate too."""
+    monkeypatch.setattr(mc, "MIN_SPLIT", 0)
+    monkeypatch.setattr(mc, "cpu_threads", lambda: threads)
+    x = np.zeros((6, 2))
+    x[-1] = 1000.0                                      # exp overflows in the last rows only
+    out = np.empty_like(x)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        mc.by_rows(lambda r: np.exp(x[r], out=out[r]), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # a RuntimeWarning would fail the test
+        with np.errstate(over="ignore"):
+            mc.by_rows(lambda r: np.exp(x[r], out=out[r]), x)
+    assert np.isinf(out[-1]).all() and (out[:-1] == 1).all()
 
 
 @pytest.mark.parametrize("threads", [2, 3])

@@ -178,6 +178,8 @@ def train_loop(args, run, group=None):
                     log({"step": step, "eval": m})
     finally:
         loader.close()
+        if metrics:
+            metrics.close()
     if stopping:
         print(f"interrupted ({stop[0] if stop else 'a signal to another process'}) at step {run.step}")
     if run.step % tc.eval_every and run.step != tc.steps:

@@ -297,8 +297,7 @@ def evaluate(params, cfg, tok, val, labels, templates, loader):
     i2t, t2i = recall_at(img, txt, keys, keys), recall_at(txt, img, keys, keys)
     out = {"i2t_r1": i2t[1], "i2t_r5": i2t[5], "t2i_r1": t2i[1], "t2i_r5": t2i[5]}
     if val.labels is not None:
-        prompts = prompt_ids(tok, cfg, labels, templates)
-        classes = mc.to_numpy(mc.class_embeddings(params, cfg, prompts, len(templates)))     # (labels, E)
+        classes = mc.to_numpy(classifier(params, cfg, tok, labels, templates))                  # (labels, E)
         ranks = np.concatenate([label_ranks(img[i:i + RECALL_BLOCK] @ classes.T, val.labels[i:i + RECALL_BLOCK])
                                 for i in range(0, len(img), RECALL_BLOCK)])
         out["zeroshot_top1"], out["zeroshot_top5"] = float((ranks < 1).mean()), float((ranks < 5).mean())

@@ -6,6 +6,7 @@ never saw and on OpenMoji's style, which training never sees; against the tiny m
     python experiments/emoji_recipe.py --data data/emoji        3 seeds of both models: about an hour on 2 cores
     python experiments/emoji_recipe.py --data data/emoji --seeds 0     one seed
     python experiments/emoji_recipe.py --from-results                  the table and the figure again, from results.json
+    python experiments/emoji_recipe.py --breakdown checkpoints/emoji/recipe-seed0.npz     where its errors are
 
 Each run is `python train.py` and then `python zeroshot.py --test` on the evaluation CSVs, each in its
 own process, as a user would run them. A run's scores are written to experiments/emoji/results.json
@@ -19,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,6 +138,46 @@ def grid(ck, data_dir, path, right=3, wrong=5, seed=0):
     return path
 
 
+def words(text):
+    """The lowercase words of a name or a caption: "flag: Côte d'Ivoire" -> {'flag', 'côte', 'd', 'ivoire'}."""
+    return set(re.findall(r"[^\W\d_]+", text.lower()))
+
+
+def breakdown(ck, data_dir, names=("val.csv", "test_concepts.csv")):
+    """
+    What a checkpoint gets right on held-out concepts, and where the rest goes, as Markdown: zero-shot
+    top-1 among each CSV's own labels (as `zeroshot.py --test` scores it), split by whether every word
+    of the right name occurs in some training caption, and top-1 counting any skin tone or gender
+    form of the right concept as right (data.emoji_concept).
+    """
+    import zeroshot
+    params, cfg, tok, _, templates, _ = zeroshot.load_model(argparse.Namespace(weights=None, checkpoint=ck))
+    with open(os.path.join(data_dir, "train.csv"), newline="", encoding="utf-8") as f:
+        seen = set().union(*(words(r["title"]) for r in csv.DictReader(f)))
+    lines = ["| evaluated on | images, labels | top-1 | names of seen words: images, top-1 | names with an "
+             "unseen word: images, top-1 | right concept, any form |", "|---" * 6 + "|"]
+    for name in names:
+        path = os.path.join(data_dir, name)
+        with open(path, newline="", encoding="utf-8") as f:
+            concept = {r["label"]: data.emoji_concept(os.path.basename(r["filepath"])[:-len(".png")])
+                       for r in csv.DictReader(f)}
+        pairs = data.read_csv(path, "filepath", "title", ",", False, "label")
+        loader = data.Loader(cfg.image_size, 0)
+        try:
+            img = zeroshot.embed_pairs(params, cfg, pairs, loader)
+        finally:
+            loader.close()
+        scores = img @ mc.to_numpy(zeroshot.classifier(params, cfg, tok, pairs.label_names, templates)).T
+        hit = zeroshot.label_ranks(scores, pairs.labels) == 0                  # as --test counts a top-1 hit
+        right, guess = ([pairs.label_names[i] for i in ids] for ids in (pairs.labels, scores.argmax(axis=1)))
+        all_seen = np.array([words(n) <= seen for n in right])
+        same_concept = np.array([concept[g] == concept[n] for g, n in zip(guess, right)])
+        share = lambda right: f"{right.mean():.1%}" if len(right) else "-"
+        lines.append(f"| {name} | {len(hit):,}, {len(pairs.label_names):,} | {share(hit)} | {all_seen.sum():,}, "
+                     f"{share(hit[all_seen])} | {(~all_seen).sum():,}, {share(hit[~all_seen])} | {share(same_concept)} |")
+    return "\n".join(lines)
+
+
 def write_json(path, value):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -151,15 +193,24 @@ def main(argv=None):
     p.add_argument("--checkpoints", default=os.path.join(ROOT, "checkpoints", "emoji"), help="where the runs are saved")
     p.add_argument("--results", default=os.path.join(HERE, "emoji"), help="results.json, table.md and the figure")
     p.add_argument("--from-results", action="store_true", help="only rebuild the table and the figure")
+    p.add_argument("--breakdown", metavar="CHECKPOINT",
+                   help="only break this checkpoint's top-1 on the validation and held-out concepts down by "
+                        "unseen words and by concept")
     args = p.parse_args(argv)
     mc.cpu_settings()
+    if not args.from_results and not os.path.isfile(os.path.join(args.data, "splits.json")):
+        sys.exit(f"error: {args.data}: no emoji data set here (python data.py emoji ... --out {args.data})")
+    if args.breakdown:
+        try:
+            print(breakdown(args.breakdown, args.data))
+        except (data.UserError, ValueError) as e:                   # a missing or unreadable checkpoint
+            sys.exit(f"error: {e}")
+        return
     os.makedirs(args.results, exist_ok=True)
     os.makedirs(args.checkpoints, exist_ok=True)
     path = os.path.join(args.results, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else []
     if not args.from_results:
-        if not os.path.isfile(os.path.join(args.data, "splits.json")):
-            sys.exit(f"error: {args.data}: no emoji data set here (python data.py emoji ... --out {args.data})")
         for seed in args.seeds:
             for arm in args.arms:
                 if any(r["arm"] == arm and r["seed"] == seed for r in results):

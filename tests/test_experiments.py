@@ -4,8 +4,10 @@ recipe an hour, more than the test suite's budget, so this runs the same code on
 metric is computed, the claims are judged, and the figures are drawn. The verdict rule is tested on
 its own.
 """
+import csv
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -71,6 +73,20 @@ def test_the_emoji_recipe_on_fake_packages(tmp_path, monkeypatch):
     table = (tmp_path / "results" / "table.md").read_text()
     assert table.count("| recipe (2 seeds) |") == len(emoji_recipe.TESTS) and "tiny (2 seeds)" in table
     assert open(tmp_path / "results" / "heldout_grid.png", "rb").read(4) == b"\x89PNG"
+    # The breakdown counts top-1 as --test does, and splits every image into exactly one of its groups.
+    row = emoji_recipe.breakdown(str(tmp_path / "ck" / "recipe-seed0.npz"), str(tmp_path / "data"),
+                                 ["test_concepts.csv"]).splitlines()[2].strip("| ").split(" | ")
+    scored = results[0]["tests"]["held-out concepts"]
+    assert row[1] == f"{scored['images']:,}, {scored['labels']:,}" and row[2] == f"{scored['zeroshot_top1']:.1%}"
+    (n_seen, top1_seen), (n_unseen, top1_unseen) = (cell.split(", ") for cell in row[3:5])
+    letters = lambda text: set(re.sub("[^a-z]", " ", text.lower()).split())
+    with open(tmp_path / "data" / "train.csv", encoding="utf-8") as f:
+        vocabulary = set().union(*(letters(r["title"]) for r in csv.DictReader(f)))
+    with open(tmp_path / "data" / "test_concepts.csv", encoding="utf-8") as f:
+        names = [r["label"] for r in csv.DictReader(f)]     # "farmer" is a held-out word; "thing 20"'s are not
+    known = sum(letters(n) <= vocabulary for n in names)
+    assert 0 < known < len(names) and (int(n_seen), int(n_unseen)) == (known, len(names) - known)
+    assert float(row[5].rstrip("%")) >= float(row[2].rstrip("%"))         # a right name is a right concept
 
     def no_training(*a):
         raise AssertionError("a finished run was trained again")

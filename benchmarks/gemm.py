@@ -2,7 +2,8 @@
 The matrix products alone: NumPy's BLAS against PyTorch's, on the products of a ViT-B/32 encoding and
 of the tiny train step.
 
-    python benchmarks/gemm.py            5 alternating rounds, about a minute
+    python benchmarks/gemm.py                5 alternating rounds, about a minute
+    python benchmarks/gemm.py --rounds 9
 
 A ViT-B/32 image encoding at batch 16 spends about 80% of its time in four products per block (800
 rows: 16 images x 50 positions): q, k, v projected together, attention's output projection, and the
@@ -12,6 +13,7 @@ and dw = dout^T x. Whatever the rest of miniclip does, it cannot beat PyTorch by
 products allow. Each side runs in its own process, 2 threads, the median of 20 products after a
 warm-up, each round in turn (NumPy's side first, then the other way round).
 """
+import argparse
 import os
 import statistics
 import subprocess
@@ -56,7 +58,11 @@ for M, In, Out, kind in %r:
 
 
 def main():
-    rounds = 5
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds, each side once a round (default 5)")
+    rounds = p.parse_args().rounds
+    if rounds < 1:
+        p.error("--rounds must be at least 1")
     times = {"numpy": [], "torch": []}
     for r in range(rounds):
         for fw in (("numpy", "torch") if r % 2 == 0 else ("torch", "numpy")):

@@ -157,11 +157,9 @@ def breakdown(ck, data_dir, names=("val.csv", "test_concepts.csv")):
     lines = ["| evaluated on | images, labels | top-1 | names of seen words: images, top-1 | names with an "
              "unseen word: images, top-1 | right concept, any form |", "|---" * 6 + "|"]
     for name in names:
-        path = os.path.join(data_dir, name)
-        with open(path, newline="", encoding="utf-8") as f:
-            concept = {r["label"]: data.emoji_concept(os.path.basename(r["filepath"])[:-len(".png")])
-                       for r in csv.DictReader(f)}
-        pairs = data.read_csv(path, "filepath", "title", ",", False, "label")
+        pairs = data.read_csv(os.path.join(data_dir, name), "filepath", "title", ",", False, "label")
+        concept = {label: data.emoji_concept(os.path.basename(pairs.locators[i])[:-len(".png")])
+                   for i, label in enumerate(pairs.labels)}            # label id -> its code's concept
         loader = data.Loader(cfg.image_size, 0)
         try:
             img = zeroshot.embed_pairs(params, cfg, pairs, loader)
@@ -169,10 +167,10 @@ def breakdown(ck, data_dir, names=("val.csv", "test_concepts.csv")):
             loader.close()
         scores = img @ mc.to_numpy(zeroshot.classifier(params, cfg, tok, pairs.label_names, templates)).T
         hit = zeroshot.label_ranks(scores, pairs.labels) == 0                  # as --test counts a top-1 hit
-        right, guess = ([pairs.label_names[i] for i in ids] for ids in (pairs.labels, scores.argmax(axis=1)))
-        all_seen = np.array([words(n) <= seen for n in right])
-        same_concept = np.array([concept[g] == concept[n] for g, n in zip(guess, right)])
-        share = lambda right: f"{right.mean():.1%}" if len(right) else "-"
+        all_seen = np.array([words(pairs.label_names[label]) <= seen for label in pairs.labels])
+        guess = scores.argmax(axis=1)
+        same_concept = np.array([concept[g] == concept[label] for g, label in zip(guess, pairs.labels)])
+        share = lambda hits: f"{hits.mean():.1%}" if len(hits) else "-"
         lines.append(f"| {name} | {len(hit):,}, {len(pairs.label_names):,} | {share(hit)} | {all_seen.sum():,}, "
                      f"{share(hit[all_seen])} | {(~all_seen).sum():,}, {share(hit[~all_seen])} | {share(same_concept)} |")
     return "\n".join(lines)

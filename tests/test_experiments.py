@@ -78,7 +78,7 @@ def test_the_emoji_recipe_on_fake_packages(tmp_path, monkeypatch):
                                  ["test_concepts.csv"]).splitlines()[2].strip("| ").split(" | ")
     scored = results[0]["tests"]["held-out concepts"]
     assert row[1] == f"{scored['images']:,}, {scored['labels']:,}" and row[2] == f"{scored['zeroshot_top1']:.1%}"
-    (n_seen, top1_seen), (n_unseen, top1_unseen) = (cell.split(", ") for cell in row[3:5])
+    n_seen, n_unseen = (cell.split(", ")[0] for cell in row[3:5])
     letters = lambda text: set(re.sub("[^a-z]", " ", text.lower()).split())
     with open(tmp_path / "data" / "train.csv", encoding="utf-8") as f:
         vocabulary = set().union(*(letters(r["title"]) for r in csv.DictReader(f)))

@@ -5,8 +5,8 @@ runs where MINICLIP_FULL_TINY=1 (CI sets it) and is skipped otherwise. It checks
 
 The bound holds for every run measured, not for one machine's: the CPU, the thread count and the
 speed devices' rounding change the run. Seeds 1-4 stay at 95.8% or above in every run measured; seed 0,
-the default, holds out the hardest pairs and gave 92.3-96.8% over ten runs (two AMD EPYCs and an
-Intel Xeon, 1 and 2 threads, three roundings; docs/tiny.md), 92.1% at half the peak learning rate.
+the default, holds out the hardest pairs and gave 92.3-96.8% over eleven runs (AMD EPYCs of two
+families and an Intel Xeon, 1 and 2 threads, three roundings; docs/tiny.md), 92.1% at half the peak learning rate.
 """
 import os
 import re

@@ -32,15 +32,18 @@ DEFAULT_CHECKPOINT = os.path.join("checkpoints", "tiny.npz")
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
-def load_model(args):
-    """(params, cfg, tokenizer, labels, templates, preprocessing settings) from --weights or --checkpoint."""
-    if args.weights:
-        params, cfg = weights.load_weights(args.weights)
-        folder = weights.model_folder(args.weights)
+def load_model(weights_path=None, checkpoint=None):
+    """
+    (params, cfg, tokenizer, labels, templates, preprocessing settings) from published weights (--weights)
+    or one of our checkpoints (--checkpoint; the tiny model's when neither is given).
+    """
+    if weights_path:
+        params, cfg = weights.load_weights(weights_path)
+        folder = weights.model_folder(weights_path)
         return params, cfg, bpe.load(folder), None, [DEFAULT_TEMPLATE], weights.read_preprocessor(folder, cfg)
-    path = args.checkpoint or DEFAULT_CHECKPOINT
+    path = checkpoint or DEFAULT_CHECKPOINT
     if not os.path.exists(path):
-        if args.checkpoint:
+        if checkpoint:
             raise UserError(f"{path}: no such checkpoint")
         raise UserError(f"no checkpoint at {path}: run `python train.py --tiny` first, or pass --checkpoint "
                         f"or --weights")
@@ -390,7 +393,7 @@ def main(argv=None):
                             "or --query TEXT")
         if args.device:
             mc.set_device(args.device)
-        params, cfg, tok, default_labels, templates, preprocessing = load_model(args)
+        params, cfg, tok, default_labels, templates, preprocessing = load_model(args.weights, args.checkpoint)
         templates = args.template or templates
         bad = [t for t in templates if "{}" not in t]
         if bad:

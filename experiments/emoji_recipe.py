@@ -151,7 +151,7 @@ def breakdown(ck, data_dir, names=("val.csv", "test_concepts.csv")):
     form of the right concept as right (data.emoji_concept).
     """
     import zeroshot
-    params, cfg, tok, _, templates, _ = zeroshot.load_model(argparse.Namespace(weights=None, checkpoint=ck))
+    params, cfg, tok, _, templates, _ = zeroshot.load_model(checkpoint=ck)
     with open(os.path.join(data_dir, "train.csv"), newline="", encoding="utf-8") as f:
         seen = set().union(*(words(r["title"]) for r in csv.DictReader(f)))
     lines = ["| evaluated on | images, labels | top-1 | names of seen words: images, top-1 | names with an "

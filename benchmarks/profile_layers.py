@@ -22,7 +22,6 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import miniclip as mc  # noqa: E402  before NumPy: it makes OpenBLAS's settings (mc.cpu_settings)
-import numpy as np  # noqa: E402
 from bench import inputs, sgemm_peak, spec_of, timed  # noqa: E402
 
 

@@ -3,14 +3,12 @@ experiments/emoji_paper.py and experiments/supervised.py: the supervised baselin
 held-out skin tones, the claims on made-up results whose verdicts are known, and the grid end to end
 on the small tarballs of test_emoji, a few steps a run.
 """
-import dataclasses
 import json
 import os
 import re
 import sys
 
 import numpy as np
-import pytest
 
 import miniclip as mc
 from conftest import numerical_grad, rel_error

@@ -34,7 +34,8 @@ import signal
 import sys
 import tarfile
 import time
-from collections import deque
+import unicodedata
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -521,11 +522,17 @@ def read_shards(patterns):
 # across vendors once the variation selector FE0F is dropped. This is Icons-50's setting
 # (Hendrycks & Dietterich, 2019): one concept in several styles, one style kept out to test
 # robustness. prepare_emoji turns the three .tgz files, as `npm pack` writes them, into PNGs and
-# the CSVs that --data reads; nothing here downloads.
+# the CSVs that --data reads; nothing here downloads. A fourth package may be given: fluentui-emoji,
+# Microsoft's Fluent Emoji (MIT), a third artist for training only (train_with_fluent.csv). It names
+# its SVGs by CLDR name, not code point ("farmer-light.svg" is "farmer: light skin tone"), so its
+# drawings are matched by name, and emoji without a match (flags, couples) have none.
 
 EMOJI_PACKAGES = {"emoji-datasource-google": "google", "emoji-datasource-twitter": "twitter", "openmoji": "openmoji"}
-TRAIN_VENDORS, HELD_OUT_VENDOR = ("google", "twitter"), "openmoji"
-EMOJI_LICENSES = {"google": "Noto Emoji, Apache-2.0", "twitter": "Twemoji, CC-BY 4.0", "openmoji": "OpenMoji, CC BY-SA 4.0"}
+EXTRA_PACKAGES = {"fluentui-emoji": "fluent"}                   # optional
+TRAIN_VENDORS, HELD_OUT_VENDOR, EXTRA_VENDOR = ("google", "twitter"), "openmoji", "fluent"
+EMOJI_LICENSES = {"google": "Noto Emoji, Apache-2.0", "twitter": "Twemoji, CC-BY 4.0", "openmoji": "OpenMoji, CC BY-SA 4.0",
+                  "fluent": "Fluent Emoji by Microsoft, MIT"}
+FLUENT_TONES = ("light", "medium-light", "medium", "medium-dark", "dark")
 SKIN_TONES = {"1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF"}
 # man/woman -> person, boy/girl -> child, old man/woman -> older person: one concept's gender forms.
 UNGENDERED = {"1F468": "1F9D1", "1F469": "1F9D1", "1F466": "1F9D2", "1F467": "1F9D2", "1F474": "1F9D3", "1F475": "1F9D3"}
@@ -560,8 +567,23 @@ def emoji_concept(code):
     return "-".join(kept) or code
 
 
+def fluent_file(name, available):
+    """
+    The member of fluentui-emoji drawing the CLDR name, or None: 'farmer: light skin tone' ->
+    icons/flat/farmer-light.svg, 'farmer' -> farmer.svg or, when it has skin tones, farmer-default.svg;
+    'piñata' -> pinata.svg. Of its three styles, the flat one: color, like the other vendors'.
+    """
+    def slug(text):
+        ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+        return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    base, _, tone = name.partition(": ")
+    tone = tone.removesuffix(" skin tone").replace(" ", "-")
+    stems = [f"{slug(base)}-{tone}"] if tone in FLUENT_TONES else [slug(name), f"{slug(name)}-default"]
+    return next((m for m in (f"package/icons/flat/{stem}.svg" for stem in stems) if m in available), None)
+
+
 class EmojiPackages:
-    """The three tarballs, found by the name in each one's package.json (not by the file's name)."""
+    """The three tarballs and the optional fourth, each found by the name in its package.json (not its file name)."""
 
     def __init__(self, paths):
         self.paths, self.versions = {}, {}
@@ -574,15 +596,22 @@ class EmojiPackages:
                     name = about.get("name")
             except (tarfile.TarError, OSError, KeyError, ValueError, AttributeError, EOFError) as e:
                 raise DataError(f"{path}: not an npm package tarball ({e})") from None
-            if name not in EMOJI_PACKAGES:
-                raise DataError(f"{path}: holds the npm package {name!r}, not one of {', '.join(EMOJI_PACKAGES)}")
-            if EMOJI_PACKAGES[name] in self.paths:
+            vendor = {**EMOJI_PACKAGES, **EXTRA_PACKAGES}.get(name)
+            if vendor is None:
+                raise DataError(f"{path}: holds the npm package {name!r}, not one of "
+                                f"{', '.join(EMOJI_PACKAGES)} (or {', '.join(EXTRA_PACKAGES)})")
+            if vendor in self.paths:
                 raise DataError(f"{path}: a second tarball of {name}")
-            self.paths[EMOJI_PACKAGES[name]] = path
-            self.versions[EMOJI_PACKAGES[name]] = f"{name}@{about.get('version')}"
+            self.paths[vendor] = path
+            self.versions[vendor] = f"{name}@{about.get('version')}"
         missing = [p for p, v in EMOJI_PACKAGES.items() if v not in self.paths]
         if missing:
             raise DataError(f"no tarball of {', '.join(missing)} given (npm pack {' '.join(missing)} fetches them)")
+
+    def names(self, vendor):
+        """The file members of vendor's tarball."""
+        with tarfile.open(self.paths[vendor], "r:gz") as tar:
+            return {m.name for m in tar if m.isfile()}
 
     def members(self, vendor, wanted):
         """{name: bytes} of the members of vendor's tarball named in wanted, in one pass over the gzip stream."""
@@ -597,8 +626,9 @@ class EmojiPackages:
 def emoji_table(packages):
     """
     Every emoji that all three vendors draw, as {code: dict(name, tags, concept, group, files)}, where
-    files maps each vendor to its member name; and the codes skipped, with why. Names and tags come
-    from openmoji.csv (CLDR); a skin tone variant has no tags of its own and takes its base's.
+    files maps each vendor to its member name (Fluent's where it has one); and the codes skipped, with
+    why. Names and tags come from openmoji.csv (CLDR); a skin tone variant has no tags of its own and
+    takes its base's.
     """
     sheet = "package/data/openmoji.csv"
     text = packages.members("openmoji", {sheet}).get(sheet)
@@ -631,6 +661,13 @@ def emoji_table(packages):
             files["openmoji"] = f"package/color/svg/{row['hexcode']}.svg"
             table[code] = dict(name=row["annotation"].strip(), tags=tags, concept=emoji_concept(code),
                                group=row["group"], files=files)
+    if EXTRA_VENDOR in packages.paths:
+        available = packages.names(EXTRA_VENDOR)
+        matched = {code: fluent_file(e["name"], available) for code, e in table.items()}
+        claims = Counter(matched.values())
+        for code, member in matched.items():
+            if member and claims[member] == 1:          # a file two names would claim is neither's
+                table[code]["files"][EXTRA_VENDOR] = member
     return table, skipped
 
 
@@ -667,17 +704,17 @@ def rasterizer():
 
 
 def emoji_images(packages, table, size, background):
-    """{(vendor, code): size x size RGB} for every emoji of the table; an image that does not decode is an error naming it."""
+    """{(vendor, code): size x size RGB} for every drawing of the table; an image that does not decode is an error naming it."""
     render, images = rasterizer(), {}
-    for vendor in EMOJI_PACKAGES.values():
-        wanted = {e["files"][vendor]: code for code, e in table.items()}
+    for vendor in packages.paths:
+        wanted = {e["files"][vendor]: code for code, e in table.items() if vendor in e["files"]}
         found = packages.members(vendor, wanted)
         shown = Progress(f"emoji: {vendor}, images", len(wanted))
         for done, (member, code) in enumerate(wanted.items(), start=1):
             if member not in found:
                 raise DataError(f"{packages.paths[vendor]}: no {member[8:]} for {table[code]['name']!r}")
             try:
-                if vendor == HELD_OUT_VENDOR:           # drawn at 4x, so the crop to the art loses nothing
+                if member.endswith(".svg"):             # drawn at 4x, so the crop to the art loses nothing
                     rgba = render(found[member], 4 * size)
                 else:
                     rgba = Image.open(io.BytesIO(found[member]))
@@ -719,10 +756,12 @@ def write_csv_rows(path, header, rows):
 
 def prepare_emoji(tarballs, out, seed=0, size=64, background=(255, 255, 255)):
     """
-    The emoji data set in the folder out, from the three package tarballs:
+    The emoji data set in the folder out, from the three package tarballs (or four):
         images/<vendor>/<code>.png     every emoji of every vendor, size x size RGB
         train.csv                      Noto and Twemoji images of the training concepts, one row per
                                        caption form (filepath, title, label)
+        train_with_fluent.csv          given fluentui-emoji: train.csv and Fluent's drawings of the
+                                       training concepts, captioned the same way
         val.csv                        the validation concepts in the training vendors, for choosing a
                                        recipe (filepath, title, label: the caption is "an emoji of <name>")
         test_concepts.csv              the held-out concepts in the training vendors
@@ -741,8 +780,9 @@ def prepare_emoji(tarballs, out, seed=0, size=64, background=(255, 255, 255)):
         raise DataError("the packages share no emoji with a CLDR name")
     images = emoji_images(packages, table, size, background)
     split_of = emoji_splits(table, seed)
-    rng = np.random.default_rng([seed, 4])
+    rng, fluent_rng = np.random.default_rng([seed, 4]), np.random.default_rng([seed, 5])
     rows = {name: [] for name in ("train", "val", "test_concepts", "test_vendor_seen", "test_vendor_unseen")}
+    fluent_rows = []
     for code, e in table.items():
         split = split_of[code]
         for vendor in EMOJI_PACKAGES.values():
@@ -755,10 +795,15 @@ def prepare_emoji(tarballs, out, seed=0, size=64, background=(255, 255, 255)):
                 rows["train"] += [(path, emoji_caption(rng, form, e), e["name"]) for form in EMOJI_CAPTIONS]
             else:
                 rows["val" if split == "val" else "test_concepts"].append((path, f"an emoji of {e['name']}", e["name"]))
+        if split == "train" and EXTRA_VENDOR in e["files"]:
+            fluent_rows += [(f"images/{EXTRA_VENDOR}/{code}.png", emoji_caption(fluent_rng, form, e), e["name"])
+                            for form in EMOJI_CAPTIONS]
+    if EXTRA_VENDOR in packages.paths:
+        rows["train_with_fluent"] = rows["train"] + fluent_rows
     tmp = f"{out}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        for vendor in EMOJI_PACKAGES.values():
+        for vendor in packages.paths:
             os.makedirs(os.path.join(tmp, "images", vendor))
         for (vendor, code), img in images.items():
             img.save(os.path.join(tmp, "images", vendor, f"{code}.png"))
@@ -772,7 +817,7 @@ def prepare_emoji(tarballs, out, seed=0, size=64, background=(255, 255, 255)):
                 f.write("".join(x + "\n" for x in lines))
         summary = {"seed": seed, "size": size, "background": list(background), "train_vendors": list(TRAIN_VENDORS),
                    "held_out_vendor": HELD_OUT_VENDOR, "caption_forms": list(EMOJI_CAPTIONS),
-                   "templates": list(EMOJI_TEMPLATES), "licenses": EMOJI_LICENSES,
+                   "templates": list(EMOJI_TEMPLATES), "licenses": {v: EMOJI_LICENSES[v] for v in packages.paths},
                    "packages": packages.versions,
                    "counts": {**{f"{k}_rows": len(v) for k, v in rows.items()}, **{f"{s}_names": len(n) for s, n in names.items()},
                               "concepts": {s: len(c) for s, c in concepts.items()}},
@@ -943,8 +988,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Prepare a data set for train.py --data.")
     sub = p.add_subparsers(dest="dataset", required=True)
     e = sub.add_parser("emoji", help="emoji art of three vendors, from the tarballs `npm pack "
-                       "emoji-datasource-google emoji-datasource-twitter openmoji` writes")
-    e.add_argument("tarballs", nargs="+", help="the three .tgz files, in any order")
+                       "emoji-datasource-google emoji-datasource-twitter openmoji` writes "
+                       "(and fluentui-emoji's, for a third training artist)")
+    e.add_argument("tarballs", nargs="+", help="the three .tgz files (or four), in any order")
     e.add_argument("--out", default=os.path.join("data", "emoji"), help="a new folder (default: data/emoji)")
     e.add_argument("--seed", type=int, default=0, help="chooses the held-out and validation concepts (default 0)")
     e.add_argument("--size", type=int, default=64, help="side of the written images in pixels (default 64)")
@@ -965,6 +1011,9 @@ def main(argv=None):
           f"{c['concepts']['train']:,} concepts, {len(EMOJI_CAPTIONS)} captions each in "
           f"{' and '.join(TRAIN_VENDORS)}); {c['val_names']:,} validation emoji; held out: {c['test_names']:,} emoji "
           f"({c['concepts']['test']:,} concepts), and every {HELD_OUT_VENDOR} drawing")
+    if "train_with_fluent_rows" in c:
+        print(f"train_with_fluent.csv: {c['train_with_fluent_rows']:,} rows, of which "
+              f"{c['train_with_fluent_rows'] - c['train_rows']:,} of Fluent's drawings")
     return 0
 
 

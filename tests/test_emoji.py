@@ -29,7 +29,7 @@ BASES = [("1F44B", "waving hand", "hand, wave", True), ("1F44D", "thumbs up", "h
          ("1F481-200D-2640-FE0F", "woman tipping hand", "hand, help, woman", True),
          ("1F9D1-200D-1F33E", "farmer", "gardener", False), ("1F468-200D-1F33E", "man farmer", "farmer, man", False),
          ("1F469-200D-1F33E", "woman farmer", "farmer, woman", False)] + \
-        [(f"1F3{i:02X}", f"thing {i}", f"thing, number {i}", False) for i in range(0x10, 0x10 + 16)]
+        [(f"1F3{i:02X}", f"thing {i}", f"thing, number {i}, item, object, stuff", False) for i in range(0x10, 0x10 + 16)]
 CONCEPT = {"waving hand": "wave", "thumbs up": "thumbs", "person tipping hand": "tip", "man tipping hand": "tip",
            "woman tipping hand": "tip", "farmer": "farm", "man farmer": "farm", "woman farmer": "farm"}
 COLORS = [(220, 40, 40), (40, 180, 60), (50, 90, 235), (240, 220, 50)]
@@ -65,6 +65,21 @@ def add(tar, name, raw):
     info = tarfile.TarInfo("package/" + name)
     info.size = len(raw)
     tar.addfile(info, io.BytesIO(raw))
+
+
+def make_fluent(folder, broken_svg=None):
+    """fluentui-emoji's tarball: SVGs named by CLDR name in three styles, none for "tipping" emoji."""
+    path = folder / "fluentui-emoji-1.0.0.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        add(tar, "package.json", json.dumps({"name": "fluentui-emoji", "version": "1.0.0"}).encode())
+        for i, (code, name, tags, base) in enumerate(all_emoji()):
+            toned = any(c == code for c, _, _, t in BASES if t)
+            stem = name.replace(" ", "-").replace(":-", "-").replace("-skin-tone", "") + ("-default" if toned else "")
+            if "tipping" not in name:
+                raw = b"<svg" if name == broken_svg else SVG.format(r=12 + i % 20, c=0xF0A030 + 40 * i).encode()
+                for style in ("flat", "high-contrast"):
+                    add(tar, f"icons/{style}/{stem}.svg", raw)
+    return str(path)
 
 
 def make_packages(folder, drop_annotation=None, broken_png=None, name_of=None):
@@ -107,6 +122,14 @@ def prepared(tmp_path_factory):
     tarballs = make_packages(folder)
     assert data.main(["emoji", *tarballs, "--out", str(folder / "data"), "--size", "32"]) == 0
     return folder / "data", tarballs
+
+
+@pytest.fixture(scope="module")
+def prepared_with_fluent(tmp_path_factory, prepared):
+    folder = tmp_path_factory.mktemp("emoji_fluent")
+    tarballs = [*make_packages(folder), make_fluent(folder)]
+    assert data.main(["emoji", *tarballs, "--out", str(folder / "data"), "--size", "32"]) == 0
+    return folder / "data"
 
 
 def read_rows(path):
@@ -170,6 +193,53 @@ def test_split_keeps_every_form_of_a_held_out_concept_out_of_training(prepared):
     assert {s for (s,) in where.values()} == {"train", "val", "test"}
 
 
+def test_fluent_file_matches_cldr_names():
+    have = {f"package/icons/flat/{n}.svg" for n in ("farmer-default", "farmer-light", "farmer-medium-dark", "pinata",
+                                                      "keycap-0", "red-apple", "1st-place-medal")}
+    assert data.fluent_file("farmer: light skin tone", have) == "package/icons/flat/farmer-light.svg"
+    assert data.fluent_file("farmer: medium-dark skin tone", have) == "package/icons/flat/farmer-medium-dark.svg"
+    assert data.fluent_file("farmer", have) == "package/icons/flat/farmer-default.svg"
+    assert data.fluent_file("piñata", have) == "package/icons/flat/pinata.svg"
+    assert data.fluent_file("keycap: 0", have) == "package/icons/flat/keycap-0.svg"
+    assert data.fluent_file("1st place medal", have) == "package/icons/flat/1st-place-medal.svg"
+    assert data.fluent_file("farmer: dark skin tone", have) is None
+    assert data.fluent_file("kiss: woman, man, light skin tone, dark skin tone", have) is None
+
+
+def test_fluent_adds_a_training_artist_and_changes_nothing_else(prepared, prepared_with_fluent):
+    plain, out = prepared[0], prepared_with_fluent
+    for name in ("train", "val", "test_concepts", "test_vendor_seen", "test_vendor_unseen"):
+        assert (out / f"{name}.csv").read_bytes() == (plain / f"{name}.csv").read_bytes()
+    assert (out / "labels.txt").read_bytes() == (plain / "labels.txt").read_bytes()
+    train_rows, extra = read_rows(out / "train.csv"), read_rows(out / "train_with_fluent.csv")
+    assert extra[:len(train_rows)] == train_rows
+    fluent = extra[len(train_rows):]
+    assert fluent and all(r["filepath"].startswith("images/fluent/") for r in fluent)
+    # Only training concepts, each drawing under every caption form; none of a "tipping" emoji (no file).
+    train_labels = {r["label"] for r in train_rows}
+    drawn = {r["label"] for r in fluent}
+    assert drawn == {n for n in train_labels if "tipping" not in n}
+    assert len(fluent) == len(data.EMOJI_CAPTIONS) * len(drawn)
+    for r in fluent:
+        assert r["label"] in r["title"] and (out / r["filepath"]).is_file()
+    s = json.loads((out / "splits.json").read_text())
+    assert s["packages"]["fluent"] == "fluentui-emoji@1.0.0" and "MIT" in s["licenses"]["fluent"]
+    assert s["counts"]["train_with_fluent_rows"] == len(extra)
+    img = Image.open(out / "images" / "fluent" / "1F44B-1F3FD.png")    # waving hand: medium skin tone
+    assert img.mode == "RGB" and img.size == (32, 32) and np.asarray(img)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_a_fluent_file_two_names_claim_is_neither_s(tmp_path, monkeypatch):
+    tarballs = [*make_packages(tmp_path), make_fluent(tmp_path)]
+    clash = {"thing 16", "thing 17"}
+    real = data.fluent_file
+    monkeypatch.setattr(data, "fluent_file", lambda name, have: "package/icons/flat/thing-16.svg" if name in clash
+                        else real(name, have))
+    table, _ = data.emoji_table(data.EmojiPackages(tarballs))
+    fluent = {e["name"] for e in table.values() if "fluent" in e["files"]}
+    assert not fluent & clash and "thing 18" in fluent
+
+
 def test_split_is_seeded(tmp_path, prepared):
     _, tarballs = prepared
     table, _ = data.emoji_table(data.EmojiPackages(tarballs))
@@ -192,7 +262,9 @@ def test_bad_packages_get_one_line_and_write_nothing(tmp_path):
              ([*good[:2], tmp_path / "absent.tgz"], "absent.tgz: no such file"),
              ([*good[:2], renamed[2]], "holds the npm package 'left-pad', not one of"),
              ([*good[:2], good[0]], "a second tarball of emoji-datasource-google"),
-             (make_packages(broken, broken_png=("twitter", "thumbs up")), "img/twitter/64/1f44d.png does not decode")]
+             (make_packages(broken, broken_png=("twitter", "thumbs up")), "img/twitter/64/1f44d.png does not decode"),
+             ([*good, make_fluent(tmp_path), make_fluent(other)], "a second tarball of fluentui-emoji"),
+             ([*good, make_fluent(broken, broken_svg="thing 17")], "icons/flat/thing-17.svg does not decode")]
     for tarballs, message in cases:
         p = run("emoji", *tarballs, "--out", tmp_path / "out")
         assert p.returncode == 1 and message in p.stderr and p.stderr.count("\n") == 1, p.stderr

@@ -56,10 +56,12 @@ def test_the_emoji_recipe_on_fake_packages(tmp_path, monkeypatch):
     reference("matplotlib")
     import data
     import emoji_recipe
-    from test_emoji import make_packages
-    assert data.main(["emoji", *make_packages(tmp_path), "--out", str(tmp_path / "data"), "--size", "32"]) == 0
+    from test_emoji import make_fluent, make_packages
+    tarballs = [*make_packages(tmp_path), make_fluent(tmp_path)]
+    assert data.main(["emoji", *tarballs, "--out", str(tmp_path / "data"), "--size", "32"]) == 0
     few = ["--steps", "2", "--batch-size", "8", "--warmup", "1", "--workers", "0"]
-    monkeypatch.setattr(emoji_recipe, "ARMS", {"recipe": ["--preset", "emoji", *few], "tiny": ["--preset", "tiny", *few]})
+    monkeypatch.setattr(emoji_recipe, "ARMS", {arm: (csv_name, [*options, *few]) for arm, (csv_name, options)
+                                               in emoji_recipe.ARMS.items()})
     args = ["--data", str(tmp_path / "data"), "--seeds", "0", "1", "--checkpoints", str(tmp_path / "ck"),
             "--results", str(tmp_path / "results")]
     emoji_recipe.main(args)
@@ -87,6 +89,13 @@ def test_the_emoji_recipe_on_fake_packages(tmp_path, monkeypatch):
     known = sum(letters(n) <= vocabulary for n in names)
     assert 0 < known < len(names) and (int(n_seen), int(n_unseen)) == (known, len(names) - known)
     assert float(row[5].rstrip("%")) >= float(row[2].rstrip("%"))         # a right name is a right concept
+
+    # The third artist's arm, asked for, trains on train_with_fluent.csv.
+    emoji_recipe.main([*args, "--seeds", "0", "--arms", "recipe+fluent"])
+    log = (tmp_path / "ck" / "recipe+fluent-seed0.log").read_text()
+    assert f"from {tmp_path / 'data' / 'train_with_fluent.csv'}" in log
+    assert "| recipe+fluent (1 seed) |" in (tmp_path / "results" / "table.md").read_text()
+    results = json.load(open(tmp_path / "results" / "results.json"))
 
     def no_training(*a):
         raise AssertionError("a finished run was trained again")

@@ -8,12 +8,14 @@ import csv
 import json
 import os
 import re
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import paper                                            # noqa: E402
 import probe                                            # noqa: E402
 import scenes                                           # noqa: E402
@@ -102,6 +104,17 @@ def test_the_emoji_recipe_on_fake_packages(tmp_path, monkeypatch):
     monkeypatch.setattr(emoji_recipe, "run", no_training)
     emoji_recipe.main(args)
     assert json.load(open(tmp_path / "results" / "results.json")) == results
+
+
+def test_the_fluent_arm_without_its_csv_is_one_line(tmp_path):
+    import data
+    from test_emoji import make_packages
+    assert data.main(["emoji", *make_packages(tmp_path), "--out", str(tmp_path / "data"), "--size", "32"]) == 0
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "emoji_recipe.py"), "--arms", "recipe+fluent",
+                        "--data", str(tmp_path / "data"), "--checkpoints", str(tmp_path / "ck"),
+                        "--results", str(tmp_path / "r")], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "no train_with_fluent.csv" in p.stderr, p.stderr
+    assert not os.path.exists(tmp_path / "ck") and not os.path.exists(tmp_path / "r")
 
 
 def test_claims_give_the_verdict_the_numbers_say():

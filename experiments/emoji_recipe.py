@@ -203,16 +203,16 @@ def main(argv=None):
     mc.cpu_settings()
     if not args.from_results and not os.path.isfile(os.path.join(args.data, "splits.json")):
         sys.exit(f"error: {args.data}: no emoji data set here (python data.py emoji ... --out {args.data})")
-    for arm in [] if args.from_results or args.breakdown else args.arms:
-        if not os.path.isfile(os.path.join(args.data, ARMS[arm][0])):
-            sys.exit(f"error: {args.data}: no {ARMS[arm][0]}, which the arm {arm} trains on (data.py emoji writes "
-                     "train_with_fluent.csv when given fluentui-emoji's tarball too)")
     if args.breakdown:
         try:
             print(breakdown(args.breakdown, args.data))
         except (data.UserError, ValueError) as e:                   # a missing or unreadable checkpoint
             sys.exit(f"error: {e}")
         return
+    for arm in [] if args.from_results else args.arms:
+        if not os.path.isfile(os.path.join(args.data, ARMS[arm][0])):
+            sys.exit(f"error: {args.data}: no {ARMS[arm][0]}, which the arm {arm} trains on (data.py emoji writes "
+                     "train_with_fluent.csv when given fluentui-emoji's tarball too)")
     os.makedirs(args.results, exist_ok=True)
     os.makedirs(args.checkpoints, exist_ok=True)
     path = os.path.join(args.results, "results.json")

@@ -381,11 +381,13 @@ def csv_columns(f, separator, width):
         yield [list(c) for c in zip(*(row + [""] * (width - len(row)) for row in rows))][:width]
 
 
-def read_csv(path, img_key, caption_key, separator, skip_bad, label_key=None):
+def read_csv(path, img_key, caption_key, separator, skip_bad, label_key=None, flags=True):
     """
     Index a CSV of image paths and captions; images are not opened here. A row with an empty caption
     or an image path that is not a file is bad: the run stops with a list of the first ones, or skips
-    and counts them with skip_bad. A byte-order mark, as spreadsheet programs write, is allowed.
+    and counts them with skip_bad. The errors name train.py's options for columns and bad rows when
+    flags is true; zeroshot.py's --test, whose columns are fixed, has none of them. A byte-order
+    mark, as spreadsheet programs write, is allowed.
     When the CSV has the column label_key, each pair also gets a label (its zero-shot class, and its
     key for retrieval: a caption of the same class is a hit); an empty label makes a row bad.
     Each chunk of rows is handled a column at a time, in loops that run in C (str.split, set
@@ -404,8 +406,8 @@ def read_csv(path, img_key, caption_key, separator, skip_bad, label_key=None):
             fields = next(csv.reader([f.readline()], delimiter=separator), [])
             for key in (img_key, caption_key):
                 if key not in fields:
-                    raise DataError(f"{path}: no column {key!r}; the columns are {fields} "
-                                    f"(set --csv-img-key, --csv-caption-key, --csv-separator)")
+                    raise DataError(f"{path}: no column {key!r}; the columns are {fields}" + (
+                                    " (set --csv-img-key, --csv-caption-key, --csv-separator)" if flags else ""))
             i_img, i_cap = fields.index(img_key), fields.index(caption_key)
             i_lab = fields.index(label_key) if label_key in fields else None
             line = 2                                    # of the chunk's first row; the header is line 1
@@ -433,7 +435,8 @@ def read_csv(path, img_key, caption_key, separator, skip_bad, label_key=None):
     except csv.Error as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from None
     if n_bad and not skip_bad:
-        raise DataError(f"{path}: {n_bad} bad rows, first: " + "; ".join(first_bad) + " (--skip-bad skips them)")
+        raise DataError(f"{path}: {n_bad} bad rows, first: " + "; ".join(first_bad)
+                        + (" (--skip-bad skips them)" if flags else ""))
     if n_bad:
         print(f"skipped {n_bad} bad rows of {path}, first: {first_bad[0]}")
     if not captions or not sum(map(len, captions)):

@@ -325,7 +325,7 @@ def test(params, cfg, tok, path, labels, templates, workers):
     center-cropped from 9/8 of the model's side, zero-shot top-1 and top-5 among `labels` (default:
     the CSV's own labels), and retrieval of the CSV's captions, a hit being a caption of the same label.
     """
-    pairs = data.read_csv(path, "filepath", "title", ",", False, "label")
+    pairs = data.read_csv(path, "filepath", "title", ",", False, "label", flags=False)
     if pairs.label_names is None:
         raise UserError(f"{path}: no 'label' column (--test takes a CSV with filepath, title and label)")
     if labels is not None:

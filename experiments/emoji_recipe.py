@@ -162,7 +162,7 @@ def breakdown(ck, data_dir, names=("val.csv", "test_concepts.csv")):
     lines = ["| evaluated on | images, labels | top-1 | names of seen words: images, top-1 | names with an "
              "unseen word: images, top-1 | right concept, any form |", "|---" * 6 + "|"]
     for name in names:
-        pairs = data.read_csv(os.path.join(data_dir, name), "filepath", "title", ",", False, "label")
+        pairs = data.read_csv(os.path.join(data_dir, name), "filepath", "title", ",", False, "label", flags=False)
         concept = {label: data.emoji_concept(os.path.basename(pairs.locators[i])[:-len(".png")])
                    for i, label in enumerate(pairs.labels)}            # label id -> its code's concept
         loader = data.Loader(cfg.image_size, 0)

@@ -238,6 +238,14 @@ def test_whole_call_errors(tiny, sample, tmp_path):
         p = run(sample, "--checkpoint", ck, "--labels-file", tmp_path / name)
         assert p.returncode == 1 and message in p.stderr and p.stderr.count("\n") == 1, p.stderr
 
+    # --test's columns are fixed, so its errors name no train.py option (--csv-img-key, --skip-bad).
+    (tmp_path / "cols.csv").write_text("path,title,label\nx.png,a,b\n")
+    (tmp_path / "gone.csv").write_text("filepath,title,label\nabsent.png,a,b\n")
+    for name, message in (("cols.csv", "no column 'filepath'; the columns are ['path', 'title', 'label']"),
+                          ("gone.csv", "1 bad rows, first: line 2: absent.png: no such file")):
+        p = run("--checkpoint", ck, "--test", tmp_path / name)
+        assert p.returncode == 1 and p.stderr == f"error: {tmp_path / name}: {message}\n", p.stderr
+
 
 def test_images_from_a_folder_or_a_list_answer_as_arguments_do(tiny, tmp_path):
     """A folder is searched recursively, in sorted order, for image files only; a list file gives one path a line."""

@@ -434,11 +434,12 @@ def read_csv(path, img_key, caption_key, separator, skip_bad, label_key=None, fl
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from None
+    bad = f"{n_bad} bad row" + "s" * (n_bad != 1)
     if n_bad and not skip_bad:
-        raise DataError(f"{path}: {n_bad} bad rows, first: " + "; ".join(first_bad)
-                        + (" (--skip-bad skips them)" if flags else ""))
+        hint = " (--skip-bad skips them)" if flags else ""
+        raise DataError(f"{path}: {bad}, first: " + "; ".join(first_bad) + hint)
     if n_bad:
-        print(f"skipped {n_bad} bad rows of {path}, first: {first_bad[0]}")
+        print(f"skipped {bad} of {path}, first: {first_bad[0]}")
     if not captions or not sum(map(len, captions)):
         raise DataError(f"{path}: no usable image-caption pairs")
     captions = Strings.concat(captions)

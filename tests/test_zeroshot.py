@@ -242,7 +242,7 @@ def test_whole_call_errors(tiny, sample, tmp_path):
     (tmp_path / "cols.csv").write_text("path,title,label\nx.png,a,b\n")
     (tmp_path / "gone.csv").write_text("filepath,title,label\nabsent.png,a,b\n")
     for name, message in (("cols.csv", "no column 'filepath'; the columns are ['path', 'title', 'label']"),
-                          ("gone.csv", "1 bad rows, first: line 2: absent.png: no such file")):
+                          ("gone.csv", "1 bad row, first: line 2: absent.png: no such file")):
         p = run("--checkpoint", ck, "--test", tmp_path / name)
         assert p.returncode == 1 and p.stderr == f"error: {tmp_path / name}: {message}\n", p.stderr
 

@@ -598,7 +598,9 @@ class EmojiPackages:
                 with tarfile.open(path, "r:gz") as tar:
                     about = json.load(tar.extractfile("package/package.json"))
                     name = about.get("name")
-            except (tarfile.TarError, OSError, KeyError, ValueError, AttributeError, EOFError) as e:
+            except EOFError:                            # gzip's stream stops short: reading lists every member
+                raise DataError(f"{path}: the file ends early (an interrupted download? fetch it again)") from None
+            except (tarfile.TarError, OSError, KeyError, ValueError, AttributeError) as e:
                 raise DataError(f"{path}: not an npm package tarball ({e})") from None
             vendor = {**EMOJI_PACKAGES, **EXTRA_PACKAGES}.get(name)
             if vendor is None:

@@ -258,10 +258,13 @@ def test_bad_packages_get_one_line_and_write_nothing(tmp_path):
     renamed = make_packages(other, name_of={"openmoji": "left-pad"})
     broken = tmp_path / "broken"
     os.makedirs(broken)
+    cut = broken / "cut.tgz"                            # a download stopped halfway
+    cut.write_bytes(open(good[2], "rb").read()[:os.path.getsize(good[2]) // 2])
     cases = [(good[:2], "no tarball of openmoji given"),
              ([*good[:2], tmp_path / "absent.tgz"], "absent.tgz: no such file"),
              ([*good[:2], renamed[2]], "holds the npm package 'left-pad', not one of"),
              ([*good[:2], good[0]], "a second tarball of emoji-datasource-google"),
+             ([*good[:2], cut], "cut.tgz: the file ends early (an interrupted download? fetch it again)"),
              (make_packages(broken, broken_png=("twitter", "thumbs up")), "img/twitter/64/1f44d.png does not decode"),
              ([*good, make_fluent(tmp_path), make_fluent(other)], "a second tarball of fluentui-emoji"),
              ([*good, make_fluent(broken, broken_svg="thing 17")], "icons/flat/thing-17.svg does not decode")]

@@ -598,7 +598,8 @@ class EmojiPackages:
                 with tarfile.open(path, "r:gz") as tar:
                     about = json.load(tar.extractfile("package/package.json"))
                     name = about.get("name")
-            except EOFError:                            # gzip's stream stops short: reading lists every member
+            # Finding package.json reads every member's header, so a file cut short anywhere ends here.
+            except EOFError:
                 raise DataError(f"{path}: the file ends early (an interrupted download? fetch it again)") from None
             except (tarfile.TarError, OSError, KeyError, ValueError, AttributeError) as e:
                 raise DataError(f"{path}: not an npm package tarball ({e})") from None

@@ -259,7 +259,8 @@ def test_bad_packages_get_one_line_and_write_nothing(tmp_path):
     broken = tmp_path / "broken"
     os.makedirs(broken)
     cut = broken / "cut.tgz"                            # a download stopped halfway
-    cut.write_bytes(open(good[2], "rb").read()[:os.path.getsize(good[2]) // 2])
+    with open(good[2], "rb") as f:
+        cut.write_bytes(f.read()[:os.path.getsize(good[2]) // 2])
     cases = [(good[:2], "no tarball of openmoji given"),
              ([*good[:2], tmp_path / "absent.tgz"], "absent.tgz: no such file"),
              ([*good[:2], renamed[2]], "holds the npm package 'left-pad', not one of"),

@@ -668,7 +668,7 @@ class Config:
     context_length: int = 77       # the most tokens a text may have, SOT and EOT included
     vocab_size: int = 49408        # V; CLIP's BPE vocabulary
     text_width: int = 512          # D of the text transformer
-    text_layers: int = 12
+    text_layers: int = 12          # 0: no text transformer, a bag of words (encode_text_forward)
     text_heads: int = 8
     embed_dim: int = 512           # E, the joint image-text space
     layer_norm_eps: float = 1e-5
@@ -690,8 +690,10 @@ class Config:
             raise ValueError(f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
-        if min(self.vision_layers, self.text_layers) < 1:       # an encoder reads its last block's output
-            raise ValueError(f"a tower needs at least one layer, not {min(self.vision_layers, self.text_layers)}")
+        if not isinstance(self.vision_layers, int) or self.vision_layers < 1:   # read at its last block's output
+            raise ValueError(f"the image tower needs at least one layer, not {self.vision_layers!r}")
+        if not isinstance(self.text_layers, int) or self.text_layers < 0:
+            raise ValueError(f"text_layers must be 0 (a bag of words) or more, not {self.text_layers!r}")
         for name in ("image_size", "patch_size", "vision_width", "vision_heads", "vocab_size", "text_width",
                      "text_heads", "embed_dim", "vision_mlp_width", "text_mlp_width"):
             value = getattr(self, name)
@@ -760,7 +762,7 @@ def param_shapes(cfg):
         "visual.ln_post.weight": (Dv,), "visual.ln_post.bias": (Dv,),
         "visual.proj": (Dv, E),
         "token_embedding.weight": (cfg.vocab_size, Dt),
-        "positional_embedding": (cfg.context_length, Dt),
+        **({"positional_embedding": (cfg.context_length, Dt)} if cfg.text_layers else {}),   # a bag has no order
         **blocks("transformer.", Dt, cfg.text_mlp, cfg.text_layers),
         "ln_final.weight": (Dt,), "ln_final.bias": (Dt,),
         "text_projection": (Dt, E),
@@ -861,15 +863,23 @@ def encode_text_forward(params, cfg, ids, keep_cache=True, checkpoint=False):
     ids: (N, T) int, T <= context_length   ->   features: (N, E), projected and not normalized
     OpenAI applies ln_final to every position and then pools; LayerNorm works row by row, so pooling
     first gives the same numbers with T times less work.
+    With cfg.text_layers = 0 the encoder is a bag of words, the text encoder of the CLIP paper's
+    Figure 2: no transformer and no positions, a text is the mean of its words' embeddings (SOT, EOT
+    and padding left out), the order thrown away; then ln_final and the projection as above.
     """
     eps = cfg.layer_norm_eps
-    x, emb = embed_tokens_forward(ids, params["token_embedding.weight"], params["positional_embedding"])
-    eot_at = ids.argmax(axis=-1)                                        # (N,), the first largest id
-    x, blocks = transformer_forward(x, params, "transformer.", cfg.text_layers, cfg.text_heads, True, eps,
-                                    cfg.activation, at=eot_at, keep_cache=keep_cache,
-                                    checkpoint=checkpoint)                              # (N, 1, Dt)
+    if cfg.text_layers == 0:
+        q = bag_of_words(ids, cfg.vocab_size).astype(params["text_projection"].dtype)   # (N, V)
+        x, emb, blocks = q @ params["token_embedding.weight"], q, None                     # (N, Dt)
+    else:
+        x, emb = embed_tokens_forward(ids, params["token_embedding.weight"], params["positional_embedding"])
+        eot_at = ids.argmax(axis=-1)                                    # (N,), the first largest id
+        x, blocks = transformer_forward(x, params, "transformer.", cfg.text_layers, cfg.text_heads, True, eps,
+                                        cfg.activation, at=eot_at, keep_cache=keep_cache,
+                                        checkpoint=checkpoint)                          # (N, 1, Dt)
+        x = x[:, 0]
     layernorm = layernorm_forward_fast if FAST else layernorm_forward   # see "Speed devices"
-    x, ln_final = layernorm(x[:, 0], params["ln_final.weight"], params["ln_final.bias"], eps)
+    x, ln_final = layernorm(x, params["ln_final.weight"], params["ln_final.bias"], eps)
     feat = x @ params["text_projection"]                                # (N, E)
     return feat, (emb, blocks, ln_final, x)
 
@@ -882,8 +892,12 @@ def encode_text_backward(dfeat, cache, params):
     # feat = x @ text_projection
     g = {"text_projection": x.T @ dfeat}                                # (Dt, E)
     dx = dfeat @ params["text_projection"].T                            # (N, Dt)
-    # x = layernorm(x[:, 0], ln_final)
+    # x = layernorm(x, ln_final)
     dx, g["ln_final.weight"], g["ln_final.bias"] = layernorm_back(dx, ln_final)
+    if blocks is None:
+        # x = q @ token_embedding, q the bag of words: each word's row gets its share of each dx
+        g["token_embedding.weight"] = emb.T @ dx                        # (V, Dt)
+        return g
     # x = transformer(x), read at the end-of-text token
     dx, g_blocks = transformer_backward(dx[:, None], blocks, "transformer.", params)
     # x = token_embedding[ids] + positional_embedding

@@ -699,8 +699,9 @@ def parse_args(argv=None):
                    'e.g. {"image_size": 48, "vision_layers": 4}; the flags below change it further')
     for name in SHAPE_FIELDS:
         kind = dict(choices=sorted(mc.ACTIVATIONS)) if name == "activation" else dict(type=int)
-        s.add_argument("--" + name.replace("_", "-"), **kind,
-                       help=f"default: the preset's{' (0: 4 x the width)' if name.endswith('mlp_width') else ''}")
+        note = {"text_layers": " (0: a bag of words, the CLIP paper's Figure 2 text encoder)"}.get(
+            name, " (0: 4 x the width)" if name.endswith("mlp_width") else "")
+        s.add_argument("--" + name.replace("_", "-"), **kind, help=f"default: the preset's{note}")
     o = p.add_argument_group("optimization")
     for f in dataclasses.fields(TrainConfig):
         if f.type is bool:                              # --random-crop / --no-random-crop

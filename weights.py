@@ -646,6 +646,9 @@ def export(checkpoint, out, layout="hf"):
     params, cfg, meta, _ = load_checkpoint(checkpoint)
     if cfg.objective != "contrastive":
         raise ValueError(f"{checkpoint}: a {cfg.objective!r} model has no text tower; CLIP's layouts need both")
+    if cfg.text_layers == 0:
+        raise ValueError(f"{checkpoint}: its text encoder is a bag of words (0 text layers); CLIP's layouts "
+                         "have a text transformer")
     if "tokenizer" not in meta:
         raise ValueError(f"{checkpoint}: the checkpoint holds no tokenizer")
     tok = bpe.from_list(meta["tokenizer"])

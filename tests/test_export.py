@@ -118,11 +118,14 @@ def test_export_refuses_bad_input_with_one_line_and_writes_nothing(trained, tmp_
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     bow = tmp_path / "bow" / "bow.npz"
-    assert train.main(["--tiny", "--objective", "bow", "--steps", "1", "--n-train", "64", "--n-eval", "48",
-                       "--batch-size", "16", "--out", str(bow)]) == 0
+    bag = tmp_path / "bow" / "bag.npz"
+    for flags, out in ((["--tiny", "--objective", "bow"], bow), (["--preset", "tiny", "--text-layers", "0"], bag)):
+        assert train.main([*flags, "--steps", "1", "--n-train", "64", "--n-eval", "48", "--batch-size", "16",
+                           "--out", str(out)]) == 0
     cases = [((tmp_path / "none.npz", tmp_path / "a"), "no such checkpoint"),
              ((folder / "tiny.npz", full), "already exists and is not an empty folder"),
              ((bow, tmp_path / "b"), "has no text tower"),
+             ((bag, tmp_path / "d"), "its text encoder is a bag of words"),
              ((folder / "wide.png", tmp_path / "c"), "not a readable miniclip checkpoint")]
     for args, message in cases:
         p = export_cli(*args)

@@ -25,16 +25,18 @@ def batch(cfg, N, seed=0):
 
 
 @pytest.mark.parametrize("logit_scale", [math.log(1 / 0.07), math.log(100)])
-@pytest.mark.parametrize("checkpoint, act, objective", [(False, "quick_gelu", "contrastive"),
-                                                       (True, "quick_gelu", "contrastive"),
-                                                       (False, "gelu", "contrastive"), (True, "gelu", "bow")])
-def test_model_gradient(logit_scale, checkpoint, act, objective):
+@pytest.mark.parametrize("checkpoint, act, objective, text_layers", [(False, "quick_gelu", "contrastive", 2),
+                                                                    (True, "quick_gelu", "contrastive", 2),
+                                                                    (False, "gelu", "contrastive", 2),
+                                                                    (True, "gelu", "bow", 2),
+                                                                    (True, "quick_gelu", "contrastive", 0)])
+def test_model_gradient(logit_scale, checkpoint, act, objective, text_layers):
     """
     Every parameter tensor, up to 12 sampled entries each, float64, relative error < 1e-5. The
     bag-of-words objective leaves the text tower and the temperature out: their gradients are zero,
-    which the numerical gradient confirms.
+    which the numerical gradient confirms. text_layers 0: the bag-of-words text encoder.
     """
-    cfg = dataclasses.replace(MICRO, activation=act, objective=objective)
+    cfg = dataclasses.replace(MICRO, activation=act, objective=objective, text_layers=text_layers)
     params = mc.init_params(cfg, seed=1, dtype=np.float64)
     params["logit_scale"][...] = logit_scale
     pixels, ids = batch(cfg, 4)
@@ -54,6 +56,23 @@ def test_model_gradient(logit_scale, checkpoint, act, objective):
         worst[name] = rel_error(g[index], numerical_grad(f, p, index=index))
     bad = {k: v for k, v in worst.items() if v >= 1e-5}
     assert not bad, f"relative errors over 1e-5: {bad}"
+
+
+def test_bag_of_words_text_encoder_is_ln_final_of_the_mean_word():
+    """text_layers = 0: a text's feature is ln_final(the mean of its words' embedding rows) @ text_projection,
+    SOT, EOT and padding left out; so word order does not count, a repeated word counts twice, and the
+    model has no text transformer and no positions."""
+    cfg = dataclasses.replace(MICRO, text_layers=0)
+    params = mc.init_params(cfg, seed=2, dtype=np.float64)
+    assert not any(k.startswith("transformer.") or k == "positional_embedding" for k in params)
+    SOT, EOT = cfg.vocab_size - 2, cfg.vocab_size - 1
+    ids = np.array([[SOT, 3, 5, 3, EOT, 0, 0], [SOT, 5, 3, 3, EOT, 0, 0], [SOT, 3, 5, EOT, 0, 0, 0]])
+    feat = mc.encode_text(params, cfg, ids)
+    mean = params["token_embedding.weight"][[3, 5, 3]].mean(axis=0, keepdims=True)
+    x = mc.layernorm_forward(mean, params["ln_final.weight"], params["ln_final.bias"], cfg.layer_norm_eps)[0]
+    assert np.abs(feat[0] - (x @ params["text_projection"])[0]).max() < 1e-12
+    assert np.abs(feat[1] - feat[0]).max() < 1e-12 and np.abs(feat[2] - feat[0]).max() > 1e-3
+    assert np.abs(mc.encode_text(params, cfg, ids[:, :5]) - feat).max() < 1e-12   # fewer padding columns
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -114,7 +114,7 @@ def test_config_inferred_from_shapes_matches_presets():
 
 @pytest.mark.parametrize("field, value, message", [("activation", "relu", "is not one of"),
                                                     ("objective", "mse", "is not one of"),
-                                                    ("text_layers", 0, "at least one layer"),
+                                                    ("text_layers", -1, r"0 \(a bag of words\) or more"),
                                                     ("vision_layers", 0, "at least one layer")])
 def test_config_refuses_what_the_model_cannot_run(field, value, message):
     with pytest.raises(ValueError, match=message):

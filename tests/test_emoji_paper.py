@@ -3,6 +3,7 @@ experiments/emoji_paper.py and experiments/supervised.py: the supervised baselin
 held-out skin tones, the claims on made-up results whose verdicts are known, and the grid end to end
 on the small tarballs of test_emoji, a few steps a run.
 """
+import dataclasses
 import json
 import os
 import re
@@ -112,7 +113,7 @@ def test_world_keeps_the_held_tones_out_of_training(tmp_path):
     assert np.array_equal(again.tests["shifted"][0], shifted[0])
 
 
-def fake_results(er=0.5, probe_er=0.0, slope=-0.05, one=0.30, bare=0.20, ensemble=0.25, bow=0.02):
+def fake_results(er=0.5, probe_er=0.0, slope=-0.05, one=0.30, bare=0.20, ensemble=0.25, bow=0.02, bag=0.10):
     """Made-up runs over 3 seeds whose verdicts are known: supervised points on a line in logit space,
     CLIP er logits above it and probes probe_er above it, error = 2 FLOPs^slope on every run."""
     n = 1000
@@ -133,6 +134,8 @@ def fake_results(er=0.5, probe_er=0.0, slope=-0.05, one=0.30, bare=0.20, ensembl
             out.append({"kind": "clip", "width": w, "steps": s, "seed": seed, "flops": flops, "scores": scores})
         out.append({"kind": "bow", "width": 96, "steps": 450, "seed": seed, "flops": 1e11,
                     "scores": {"held-out concepts": bow + jitter}})
+        out.append({"kind": "bag", "width": 96, "steps": 470, "seed": seed, "flops": 1e11,
+                    "scores": {"held-out concepts": bag + jitter}})
     return out, n
 
 
@@ -148,14 +151,17 @@ def test_claims_give_the_verdict_the_numbers_say():
     assert verdicts["zero-shot error falls with compute"]["verdict"] == "holds"
     assert verdicts["prompt engineering, held-out concepts"]["verdict"] == "holds"          # 0.30 > 0.20
     assert verdicts["prompt ensembling, OpenMoji, seen concepts"]["verdict"] == "does not hold"   # 0.25 < 0.30
-    assert verdicts["contrastive beats predictive"]["verdict"] == "holds"
+    assert verdicts["contrastive beats predictive"]["verdict"] == "holds"                   # bag 0.10 > bow 0.02
+    assert verdicts["contrastive beats predictive"]["a per seed"] == [0.09, 0.1, 0.11]      # the bag's runs, not clip's
+    assert verdicts["contrastive beats predictive, with a text transformer"]["verdict"] == "holds"
     # The other way round: below the line, error rising with compute, the ensemble ahead by less than the noise.
-    results, n = fake_results(er=-0.5, probe_er=-0.5, slope=0.05, ensemble=0.305)
+    results, n = fake_results(er=-0.5, probe_er=-0.5, slope=0.05, ensemble=0.305, bow=0.05, bag=0.01)
     verdicts = {c["claim"]: c["verdict"] for c in emoji_paper.claims(results, n, n)[0]}
     assert verdicts["zero-shot CLIP is effectively robust"] == "does not hold"
     assert verdicts["zero-shot is more robust than a probe on its features"] == "within noise"
     assert verdicts["zero-shot error falls with compute"] == "does not hold"
     assert verdicts["prompt ensembling, held-out concepts"] == "within noise"
+    assert verdicts["contrastive beats predictive"] == "does not hold"                        # 0.01 < 0.05
 
 
 def test_frontier_keeps_the_runs_no_cheaper_run_beats():
@@ -179,8 +185,11 @@ def test_the_grid_end_to_end_on_fake_packages(tmp_path, monkeypatch):
     emoji_paper.main(args)
     saved = json.load(open(tmp_path / "out" / "emoji_paper.json"))
     kinds = sorted((r["kind"], r["width"], r["steps"]) for r in saved["runs"])
-    assert [k for k in kinds if k[0] != "bow"] == sorted((k, w, s) for k in ("clip", "supervised") for w in (32, 64) for s in (2, 3))
-    assert len([k for k in kinds if k[0] == "bow"]) == 2
+    assert [k for k in kinds if k[0] not in ("bow", "bag")] == sorted((k, w, s) for k in ("clip", "supervised")
+                                                                       for w in (32, 64) for s in (2, 3))
+    assert [k[:2] for k in kinds if k[0] in ("bow", "bag")] == [("bag", 32)] * 2 + [("bow", 32)] * 2
+    bag = next(r for r in saved["runs"] if r["kind"] == "bag")
+    assert set(bag["scores"]) == {"held-out concepts"}
     base = next(r for r in saved["runs"] if r["kind"] == "clip" and r["width"] == 32 and r["steps"] == 3)
     assert {"in-distribution", "shifted", "held-out concepts", "probe in-distribution", "probe shifted",
             "held-out concepts, ensemble", "OpenMoji, seen concepts, bare name"} <= set(base["scores"])
@@ -196,3 +205,11 @@ def test_the_grid_end_to_end_on_fake_packages(tmp_path, monkeypatch):
     emoji_paper.main(args)
     assert json.load(open(tmp_path / "out" / "emoji_paper.json"))["runs"] == saved["runs"]
     emoji_paper.main(["--from-results", "--out", str(tmp_path / "out")])
+
+
+def test_figure_2s_arms_differ_from_the_contrastive_run_in_one_thing_each():
+    """bag: the text encoder a bag of words (no text layers), the objective contrastive; bow: the objective
+    prediction. Everything else is the base run's shape."""
+    clip, bag, bow = (emoji_paper.model_config(96, kind, 500) for kind in ("clip", "bag", "bow"))
+    assert dataclasses.replace(bag, text_layers=clip.text_layers) == clip and bag.text_layers == 0
+    assert dataclasses.replace(bow, objective="contrastive") == clip

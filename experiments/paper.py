@@ -322,7 +322,8 @@ def figures(results, claim_list, folder):
             ax.errorbar(x, y.mean(0), yerr=y.std(0), marker="o", capsize=3, label=label)
     ax.axhline(1 / 48, color="gray", ls=":", label="chance")
     ax.set(xlabel="images seen", ylabel="zero-shot accuracy, held-out pairs", title="Contrastive vs predictive")
-    ax.legend()
+    ax.set_ylim(top=0.65)                               # room above the curves for the legend
+    ax.legend(fontsize=8, loc="upper right")
     save(fig, "contrastive_vs_bow.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))

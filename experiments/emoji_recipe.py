@@ -6,6 +6,7 @@ never saw and on OpenMoji's style, which training never sees; against the tiny m
     python experiments/emoji_recipe.py --data data/emoji        3 seeds of both models: about an hour on 2 cores
     python experiments/emoji_recipe.py --data data/emoji --seeds 0     one seed
     python experiments/emoji_recipe.py --data data/emoji --arms recipe+fluent    with Fluent as a third artist
+    python experiments/emoji_recipe.py --data data/emoji --arms recipe+bag       with a bag-of-words text encoder
     python experiments/emoji_recipe.py --from-results                  the table and the figure again, from results.json
     python experiments/emoji_recipe.py --breakdown checkpoints/emoji/recipe-seed0.npz     where its errors are
 
@@ -39,11 +40,13 @@ TESTS = {"validation concepts": "val.csv", "held-out concepts": "test_concepts.c
 # Each model as its training CSV and train.py's options: "tiny" is train.py's tiny preset with its
 # defaults, what a user tries first; "recipe" is what the validation concepts chose (README, "Real
 # images"); "recipe+fluent" is the recipe with a third training artist, for a data set prepared with
-# fluentui-emoji's tarball too (asked for by --arms, as it needs that).
+# fluentui-emoji's tarball too (asked for by --arms, as it needs that); "recipe+bag" is the recipe with
+# a bag-of-words text encoder (--text-layers 0; asked for by --arms).
 ARMS = {
     "recipe": ("train.csv", ["--preset", "emoji", "--steps", "6000"]),
     "tiny": ("train.csv", ["--preset", "tiny"]),
     "recipe+fluent": ("train_with_fluent.csv", ["--preset", "emoji", "--steps", "6000"]),
+    "recipe+bag": ("train.csv", ["--preset", "emoji", "--steps", "6000", "--text-layers", "0"]),
 }
 
 

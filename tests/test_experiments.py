@@ -60,6 +60,8 @@ def test_a_rerun_trains_only_the_runs_results_json_lacks(tmp_path, monkeypatch, 
     another scale is not mixed in."""
     small = {**paper.BASE, "batch": 32}
     grid = [("base", small), ("bag", {**small, "text_layers": 0})]
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # main sets them for its workers;
+        monkeypatch.setenv(name, "1")                                            # undone after the test
     monkeypatch.setattr(paper, "QUICK", TINY)
     monkeypatch.setattr(paper, "arms", lambda: grid)
     paper.main(["--quick", "--out", str(tmp_path), "--jobs", "1"])

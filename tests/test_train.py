@@ -399,6 +399,24 @@ def test_bag_of_words_objective_trains_and_is_scored_by_label_words(tmp_path, ca
     assert "trains from scratch" in capsys.readouterr().err
 
 
+def test_a_bag_of_words_text_encoder_trains_resumes_and_classifies(tmp_path):
+    """--text-layers 0: the loss falls, the checkpoint holds no text transformer and no positions,
+    --resume continues it, and zeroshot.py classifies with it."""
+    out = tmp_path / "bag.npz"
+    assert train.main(["--preset", "tiny", "--text-layers", "0", "--steps", "12", *SMALL, "--log-every", "1",
+                       "--lr", "3e-3", "--warmup", "1", "--out", str(out)]) == 0
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "bag.metrics.jsonl") if '"loss"' in line]
+    assert np.mean(losses[-3:]) < losses[0] - 0.3
+    params, cfg, _, _ = weights.load_checkpoint(out)
+    assert cfg.text_layers == 0 and not any(k.startswith("transformer.") or k == "positional_embedding" for k in params)
+    assert train.main(["--resume", str(out), "--steps", "14"]) == 0
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "zeroshot.py"), str(next((tmp_path / "samples").iterdir())),
+                        "--checkpoint", str(out), "--json"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    probs = [x["prob"] for x in json.loads(p.stdout)["predictions"]]
+    assert len(probs) == 48 and abs(sum(probs) - 1) < 1e-4                 # the 48 color-shape pairs
+
+
 def test_curves_figure_beside_the_checkpoint_or_a_line_saying_why_not(tmp_path, capsys, monkeypatch):
     from conftest import reference
     reference("matplotlib")

@@ -4,6 +4,7 @@ conversion to NumPy and mixing with NumPy arrays, as CuPy's do, and compute with
 a forgotten to_device/to_numpy, or a NumPy call on a device array, fails here as it would on a GPU, and
 everything else gives the CPU path's numbers exactly. (On a real GPU: MINICLIP_DEVICE=gpu pytest.)
 """
+import dataclasses
 import importlib
 import json
 import os
@@ -44,15 +45,16 @@ def test_the_stand_in_refuses_what_cupy_refuses(fake_gpu):
     assert isinstance(np.exp(a), fake_gpu.ndarray) and isinstance(a * np.float32(2), fake_gpu.ndarray)
 
 
-def test_train_step_equals_the_cpu_path(fake_gpu):
+@pytest.mark.parametrize("cfg", [MICRO, dataclasses.replace(MICRO, text_layers=0)], ids=["transformer", "bag of words"])
+def test_train_step_equals_the_cpu_path(fake_gpu, cfg):
     """Loss, every gradient, an AdamW step and the logit-scale clamp: device arrays, the CPU's numbers."""
-    pixels, ids = batch(MICRO, 6)
+    pixels, ids = batch(cfg, 6)
     results = []
     for device in ("gpu", "cpu"):
         mc.set_device(device)
-        params = mc.init_params(MICRO, seed=1, dtype=np.float64)
+        params = mc.init_params(cfg, seed=1, dtype=np.float64)
         params["logit_scale"] = mc.xp.asarray(5.0)                      # above ln 100: the clamp acts
-        loss, grads = mc.loss_and_grads(params, MICRO, mc.to_device(pixels), mc.to_device(ids), checkpoint=True)
+        loss, grads = mc.loss_and_grads(params, cfg, mc.to_device(pixels), mc.to_device(ids), checkpoint=True)
         opt = mc.AdamW(params)
         opt.step(params, grads, lr=1e-2)
         mc.clamp_logit_scale(params)

@@ -413,7 +413,7 @@ def main(argv=None):
         return
     scale = QUICK if args.quick else FULL
     os.makedirs(args.out, exist_ok=True)
-    results = finished_runs(os.path.join(args.out, "results.json"), scale)
+    results = saved_runs(os.path.join(args.out, "results.json"), scale)
     done = {(r["arm"], r["seed"]) for r in results}
     jobs = [(name, settings, seed, scale) for seed in scale.seeds for name, settings in arms() if (name, seed) not in done]
     print(f"{len(jobs)} runs of {scale.images_seen:,} images each ({len(done)} done before), {args.jobs} at a time",
@@ -430,7 +430,7 @@ def main(argv=None):
     report(results, scale, args.out, t0)
 
 
-def finished_runs(path, scale):
+def saved_runs(path, scale):
     """The runs saved in results.json at path by an earlier call at the same scale, which a rerun skips: a
     grid can be spread over several sittings, and an arm added later runs alone. [] if there are none."""
     if not os.path.exists(path):
